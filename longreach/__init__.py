@@ -1,0 +1,10 @@
+"""longreach: reach past a causal LM's trained context length, and measure how far it really reaches."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from longreach.errors import LongreachError
+from longreach.models import load
+
+__all__ = ["LongreachError", "__version__", "load"]

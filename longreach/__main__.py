@@ -1,0 +1,3 @@
+from longreach.cli import app
+
+app()

@@ -1,0 +1,9 @@
+"""The one exception type that longreach raises for a user's mistake.
+
+Its message is a single sentence that says what is wrong and what to do; the CLI
+prints it without a stack trace.
+"""
+
+
+class LongreachError(Exception):
+    """A user-facing error with a one-line message."""

@@ -1,0 +1,61 @@
+"""Tiny randomly-initialised models built from configs, for fast tests.
+
+``tiny_model(family)`` returns an fp32 model in eval mode with a fixed seed: Llama,
+Qwen2, Mistral and Gemma, each with grouped-query attention (4 query heads, 2 KV heads).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+FAMILIES = ("llama", "qwen2", "mistral", "gemma")
+
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    kwargs = dict(_COMMON)
+    if family == "llama":
+        cls = LlamaConfig
+    elif family == "qwen2":
+        cls = Qwen2Config
+        kwargs["use_sliding_window"] = False
+    elif family == "mistral":
+        cls = MistralConfig
+        kwargs["sliding_window"] = None
+    elif family == "gemma":
+        cls = GemmaConfig
+        kwargs["head_dim"] = 16
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn_implementation, dtype=torch.float32
+    )
+    return model.eval()
