@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.longreach-installed-$(TRANSFORMERS)
 
-.PHONY: install test test-fast lint format clean
+.PHONY: install browser demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: $(STAMP)
+# Headless Chromium renders the report in a test (Debian's package; needs root to install).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    else echo "note: chromium is not installed; the report-rendering test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/longreach demo
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not real and not slow"

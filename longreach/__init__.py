@@ -5,6 +5,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from longreach.errors import LongreachError
+from longreach.extend import extend
 from longreach.models import load
 
-__all__ = ["LongreachError", "__version__", "load"]
+__all__ = ["LongreachError", "__version__", "extend", "load"]

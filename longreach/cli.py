@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -78,6 +78,215 @@ def models() -> None:
     console.print(
         "Any local Hugging Face model directory works too: pass its path instead of an alias."
     )
+
+
+@app.command()
+@one_line_errors
+def train(
+    out: str = typer.Option(
+        "runs/lab", "--out", help="Output model directory (resumes if it has a checkpoint)."
+    ),
+    steps: int = typer.Option(800, help="Optimisation steps."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same model."),
+    pipeline: str = typer.Option(
+        "dd", help="dd (Dataset Decomposition) or concat (concat-and-chunk)."
+    ),
+    threads: int = typer.Option(0, help="torch CPU threads; 0 keeps torch's default."),
+) -> None:
+    """Train the lab model (a small Llama at a 256-token context) with Dataset Decomposition."""
+    from pathlib import Path
+
+    from longreach.lab.progress import run_with_progress
+    from longreach.lab.train import TrainConfig
+
+    cfg = TrainConfig(
+        out_dir=Path(out), steps=steps, seed=seed, pipeline=pipeline, threads=threads or None
+    )
+    run_with_progress(cfg, console=console)
+
+
+# ---- measure (issue 6): bench, report, export, tasks, demo
+
+
+@app.command()
+@one_line_errors
+def bench(
+    model: str = typer.Option(
+        "smollm2-135m", "--model", "-m", help="Model alias or local Hugging Face directory."
+    ),
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method", help="Method spec, e.g. yarn:factor=4 (repeatable). Default: vanilla."
+        ),
+    ] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="Task spec, e.g. passkey, niah, multi-needle:k=4 (repeatable; `longreach tasks` lists them). Default: passkey.",
+        ),
+    ] = None,
+    task_file: Annotated[
+        list[str] | None,
+        typer.Option("--task-file", help="A LongBench or RULER jsonl file (repeatable)."),
+    ] = None,
+    lengths: str = typer.Option(
+        "1k,2k,4k",
+        "--lengths",
+        help="Comma-separated lengths in the model's own tokens (2k = 2048).",
+    ),
+    depths: str = typer.Option(
+        "0.5", "--depths", help="Comma-separated needle depths in [0, 1], e.g. 0.1,0.5,0.9."
+    ),
+    samples: int = typer.Option(
+        3, "--samples", "-n", help="Samples per (method, task, length, depth)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated samples."),
+    chat: bool = typer.Option(
+        False,
+        "--chat/--no-chat",
+        help="Wrap each prompt in the tokenizer's chat template (default: the raw prompt).",
+    ),
+    haystack: str | None = typer.Option(
+        None,
+        "--haystack",
+        help="pg (Paul Graham essays), synthetic, or a text file or folder (default: each task's own).",
+    ),
+    db: str = typer.Option(
+        "runs.db", "--db", help="SQLite results file; a rerun skips the cells it holds."
+    ),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="bf16, fp16 or fp32 (default: the fastest exact type on this machine).",
+    ),
+    chunk: int | None = typer.Option(
+        None, "--chunk", help="Chunked prefill: tokens per forward pass (default: one pass)."
+    ),
+    threshold: float = typer.Option(
+        0.85, "--threshold", help="Accuracy threshold of the effective context length."
+    ),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+) -> None:
+    """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
+    from longreach.bench import BenchConfig, parse_depths, parse_lengths
+    from longreach.bench.render import bench_with_progress, set_threads, summary_table
+
+    set_threads(threads)
+
+    config = BenchConfig(
+        model=model,
+        methods=method or ["vanilla"],
+        tasks=task or ([] if task_file else ["passkey"]),
+        task_files=task_file or [],
+        lengths=parse_lengths(lengths),
+        depths=parse_depths(depths),
+        samples=samples,
+        seed=seed,
+        chat=chat,
+        haystack=haystack,
+        db=db,
+        dtype=dtype,
+        chunk=chunk,
+    )
+    result = bench_with_progress(config, console)
+    console.print(summary_table(result, threshold))
+    console.print(
+        f"{result.computed} cells computed, {result.skipped} already in {db}. "
+        f"Make the report with: [bold]longreach report --db {db} --out report/[/]"
+    )
+
+
+@app.command()
+@one_line_errors
+def report(
+    db: str = typer.Option(
+        "runs.db", "--db", help="SQLite results file written by `longreach bench`."
+    ),
+    out: str = typer.Option("report", "--out", help="Folder for index.html and the PNG figures."),
+    threshold: float = typer.Option(
+        0.85, "--threshold", help="Accuracy threshold of the effective context length."
+    ),
+) -> None:
+    """Render the results as PNG figures and one self-contained index.html."""
+    from longreach.bench.report import write_report
+
+    with console.status("rendering the report"):
+        made = write_report(db, out, threshold)
+    console.print(f"report: [bold]{made.index}[/] ({len(made.images)} figures, {made.cells} cells)")
+
+
+@app.command()
+@one_line_errors
+def export(
+    db: str = typer.Option(
+        "runs.db", "--db", help="SQLite results file written by `longreach bench`."
+    ),
+    out: str = typer.Option(..., "--out", help="Output file: .jsonl or .csv."),
+    prompts: bool = typer.Option(
+        False, "--prompts/--no-prompts", help="Include each cell's full prompt."
+    ),
+) -> None:
+    """Export every cell of a results file to JSONL or CSV."""
+    from longreach.bench.store import ResultStore
+
+    with ResultStore(db, create=False) as store:
+        n = store.export(out, include_prompt=prompts)
+    console.print(f"{n} cells written to {out}")
+
+
+@app.command()
+@one_line_errors
+def tasks() -> None:
+    """List the benchmark tasks with their parameters."""
+    import dataclasses
+
+    from longreach.tasks import TASKS
+
+    table = Table(title="tasks (use as --task name:param=value,...)")
+    for col in ("task", "parameters", "what it measures"):
+        table.add_column(col)
+    for name, cls in TASKS.items():
+        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        table.add_row(name, params or "-", cls.summary)
+    console.print(table)
+    console.print("Local files: --task-file FILE.jsonl (LongBench or RULER format).")
+
+
+@app.command()
+@one_line_errors
+def demo(
+    out: str = typer.Option("demo", "--out", help="Folder for the demo's database and report."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model to demo (default: the embedded default model)."
+    ),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+) -> None:
+    """A small benchmark and its report on the embedded default model (a few minutes on a CPU)."""
+    from longreach.bench.render import run_demo, set_threads
+
+    set_threads(threads)
+    run_demo(console, out, model)
+
+
+@app.command()
+@one_line_errors
+def methods() -> None:
+    """List the context-extension methods with their parameters, defaults and papers."""
+    from longreach.methods import all_methods
+
+    table = Table(title="methods (use as --method name:param=value,...)")
+    for col in ("method", "parameters (default)", "what it does", "paper"):
+        table.add_column(col)
+    for cls in all_methods():
+        params = "\n".join(
+            f"{name}={'auto' if default is None else default}: {help_text}"
+            for name, default, help_text in cls.parameters()
+        )
+        table.add_row(cls.name, params or "-", cls.summary, cls.paper)
+    console.print(table)
+    console.print("auto: taken from the model (original_max: its trained length).")
 
 
 def run() -> None:  # pragma: no cover - entry point for `python -m longreach`

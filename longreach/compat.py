@@ -82,7 +82,7 @@ def forward_kwargs(
 
 def output_cache(outputs: Any) -> Any:
     """The cache returned by a forward call (``outputs.past_key_values`` or ``outputs.cache``)."""
-    for name in ("past_key_values", "cache"):
+    for name in ("cache", "past_key_values"):  # 5.24 warns when past_key_values is read
         value = getattr(outputs, name, None)
         if value is not None:
             return value
@@ -165,3 +165,58 @@ def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- attention (issue 3)
+
+
+def cpu_flash_attention() -> Any:
+    """torch's CPU flash-attention op that also returns each row's log-sum-exp, or None.
+
+    ``aten::_scaled_dot_product_flash_attention_for_cpu`` is private (torch >= 2.3):
+    ``(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None)
+    -> (output, logsumexp)`` with query (B, Hq, L, D), key and value (B, Hkv, S, D) where
+    Hkv divides Hq (grouped-query attention without repeating K/V), output (B, Hq, L, D)
+    in the query's dtype and logsumexp (B, Hq, L) in fp32 (natural log, scale applied).
+    ``is_causal`` with L != S aligns the triangle top-left. A float ``attn_mask`` must
+    have the query's dtype; a row whose scores are all -inf gets logsumexp 0, not -inf.
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return op
+
+
+def mask_query_range(mask_kwargs: dict[str, Any]) -> tuple[int, int]:
+    """(q_offset, q_length) from the keywords an ``AttentionMaskInterface`` function receives.
+
+    transformers 5.2-5.3 pass ``cache_position`` (the query positions); later versions
+    pass ``q_offset`` and ``q_length`` instead.
+    """
+    if mask_kwargs.get("q_length") is not None:
+        return int(mask_kwargs.get("q_offset") or 0), int(mask_kwargs["q_length"])
+    cache_position = mask_kwargs.get("cache_position")
+    if cache_position is None:
+        raise TypeError("the attention-mask function got neither q_length nor cache_position")
+    q_length = int(cache_position.shape[0])
+    return (int(cache_position[0]) if q_length else 0), q_length
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` accepts ``logits_to_keep`` (compute the LM head on the last positions only)."""
+    return "logits_to_keep" in _forward_parameters(type(model))
+
+
+# ---- measure (issue 6)
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Keep the first ``length`` tokens of a KV cache.
+
+    ``Cache.crop`` took the length to keep up to 5.2x and takes the number of tokens to
+    remove (as a negative number; a positive one raises) in 5.24; a negative count means
+    "remove that many" in both, so that is what is passed.
+    """
+    remove = cache.get_seq_length() - length
+    if remove < 0:
+        raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} tokens to {length}")
+    if remove:
+        cache.crop(-remove)

@@ -47,7 +47,11 @@ def test_trained_length_prefers_original_max(tmp_path):
 
     cfg = {
         "max_position_embeddings": 32768,
-        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192},
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     }
     assert trained_length_from_dict(cfg) == 8192
     assert trained_length_from_dict({"max_position_embeddings": 2048}) == 2048
@@ -149,7 +153,9 @@ def test_conversion_killed_midway_is_redone(tmp_path):
     deadline = time.time() + 120
     # Wait until the half-written safetensors file exists, then kill without warning.
     while time.time() < deadline:
-        partial = list(models.glob("smollm2-135m.tmp-*/model.safetensors")) if models.exists() else []
+        partial = (
+            list(models.glob("smollm2-135m.tmp-*/model.safetensors")) if models.exists() else []
+        )
         if partial and partial[0].stat().st_size > 0:
             break
         if proc.poll() is not None:

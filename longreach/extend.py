@@ -1,0 +1,29 @@
+"""``extend(model, method, **params)``: apply a context-extension method, reversibly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from longreach.methods import Extension, Method, build_method
+
+
+def extend(model: torch.nn.Module, method: str | Method, **params: Any) -> Extension:
+    """Apply a context-extension method to ``model`` and return its handle.
+
+    ``method`` is a registered name (``"yarn"``), a spec string
+    (``"yarn:factor=4,original_max=8192"``) or a Method instance; ``params`` are its
+    parameters (``longreach methods`` lists them). The change happens now; the handle
+    is a context manager and has ``.remove()``, after which the model's logits are
+    bit-identical to before::
+
+        with longreach.extend(model, "yarn", factor=4):
+            model.generate(**inputs, max_new_tokens=20)
+
+    Raises LongreachError, with one sentence, for an unknown method or parameter, an
+    invalid value, a model the method cannot apply to (no RoPE, RoPE already scaled),
+    or a second method that changes what an active one changes (two position methods
+    do not compose: remove the first).
+    """
+    return Extension(model, build_method(method, **params))

@@ -1,0 +1,135 @@
+"""Chunked prefill: run a long input through a model ``chunk`` tokens at a time.
+
+One forward pass over n tokens holds activations for all n (the MLP alone is
+n x intermediate floats per layer, and the LM head n x vocab). Feeding the input in
+chunks of C tokens with the KV cache gives the same cache and the same last logits,
+with activations bounded by C; only the cache grows with n. The LM head runs on the
+last position only (``logits_to_keep=1``).
+
+Attention cost depends on the attention implementation: with transformers' ``sdpa`` a
+chunk that follows a cache needs a (C x n) boolean mask and SDPA's masked path; under
+``longreach.attention.use(model, layout)`` each chunk runs the block kernel with no mask
+at all, so memory stays O(n) and a Λ layout costs O(n x window).
+
+Decoding after a prefill: :func:`greedy` continues from the returned state; with
+``model.generate`` prefill all but the last token and pass the cache in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longreach import compat
+from longreach.errors import LongreachError
+
+__all__ = ["Prefill", "greedy", "prefill"]
+
+
+@dataclass
+class Prefill:
+    """The state after a prefill: the cache, the last position's logits and what decoding needs."""
+
+    cache: Any
+    logits: torch.Tensor  # (B, vocab), fp32, of the last input position
+    length: int  # tokens in the cache
+    attention_mask: torch.Tensor | None = None  # (B, length) when the input had padding
+    next_position: torch.Tensor | None = None  # (B,) position id of the next token
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # What generate() uses for padded batches: count real tokens, padding gets position 1.
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+def _forward(model, ids, cache, past, attention_mask=None, position_ids=None):
+    kwargs = compat.forward_kwargs(
+        model, cache, past_length=past, query_length=ids.shape[1], device=ids.device
+    )
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+        kwargs["position_ids"] = position_ids
+    if compat.takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
+    out = model(input_ids=ids, use_cache=True, **kwargs)
+    return out.logits[:, -1].float(), compat.output_cache(out)
+
+
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    chunk: int = 1024,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
+) -> Prefill:
+    """Fill ``model``'s KV cache with ``input_ids`` (B, n), ``chunk`` tokens per forward.
+
+    ``attention_mask`` (B, n) marks real tokens (left padding for batches); positions then
+    follow generate()'s rule. ``cache`` may be a cache object to fill (e.g. a method's
+    cache policy); by default the model creates its dynamic cache. Runs without gradients.
+    """
+    if chunk < 1:
+        raise LongreachError(f"prefill chunk must be a positive number of tokens, got {chunk}.")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise LongreachError(
+            f"prefill needs input_ids of shape (batch, tokens) with at least one token, "
+            f"got {tuple(input_ids.shape)}."
+        )
+    n = input_ids.shape[1]
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    positions = _positions(attention_mask) if attention_mask is not None else None
+    logits = None
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            logits, cache = _forward(
+                model,
+                input_ids[:, start:stop],
+                cache,
+                start,
+                None if attention_mask is None else attention_mask[:, :stop],
+                None if positions is None else positions[:, start:stop],
+            )
+    next_position = None if positions is None else positions[:, -1] + 1
+    return Prefill(cache, logits, n, attention_mask, next_position)
+
+
+def greedy(
+    model: torch.nn.Module, state: Prefill, max_new_tokens: int, eos_token_id: int | None = None
+) -> torch.Tensor:
+    """Greedy decoding from a :class:`Prefill`; returns the new tokens (B, <= max_new_tokens).
+
+    Stops early when every row has produced ``eos_token_id``. ``state`` is advanced in place.
+    """
+    tokens = []
+    done = None
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = state.logits.argmax(-1, keepdim=True)  # (B, 1)
+            tokens.append(token)
+            if eos_token_id is not None:
+                done = (
+                    (token[:, 0] == eos_token_id)
+                    if done is None
+                    else done | (token[:, 0] == eos_token_id)
+                )
+                if bool(done.all()):
+                    break
+            if len(tokens) == max_new_tokens:
+                break
+            mask = positions = None
+            if state.attention_mask is not None:
+                ones = state.attention_mask.new_ones(state.attention_mask.shape[0], 1)
+                state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+                mask, positions = state.attention_mask, state.next_position[:, None]
+                state.next_position = state.next_position + 1
+            state.logits, state.cache = _forward(
+                model, token, state.cache, state.length, mask, positions
+            )
+            state.length += 1
+    return torch.cat(tokens, dim=1)

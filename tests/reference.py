@@ -1,0 +1,203 @@
+"""Slow, obvious dense reference implementations that the fast code must match.
+
+A plain module of functions: each one builds the full matrix the fast path avoids,
+computes in float64 and is meant for small inputs only. Add your own below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# --------------------------------------------------------------------------- attention (issue 3)
+
+
+def region_map(regions: Sequence, q_len: int, kv_len: int, q_offset: int) -> torch.Tensor:
+    """(q_len, kv_len) int64: the ``pset`` of the region holding each pair, -1 where none.
+
+    Raises AssertionError when two regions claim the same pair.
+    """
+    i = torch.arange(q_offset, q_offset + q_len)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    out = torch.full((q_len, kv_len), -1, dtype=torch.int64)
+    for r in regions:
+        m = torch.ones(q_len, kv_len, dtype=torch.bool)
+        if r.q[0] is not None:
+            m &= i >= r.q[0]
+        if r.q[1] is not None:
+            m &= i < r.q[1]
+        if r.k[0] is not None:
+            m &= j >= r.k[0]
+        if r.k[1] is not None:
+            m &= j < r.k[1]
+        if r.d[0] is not None:
+            m &= (i - j) >= r.d[0]
+        if r.d[1] is not None:
+            m &= (i - j) <= r.d[1]
+        assert not bool((m & (out >= 0)).any()), f"region {r} overlaps another"
+        out[m] = r.pset
+    return out
+
+
+def dense_attention(
+    queries: Sequence[torch.Tensor],
+    keys: Sequence[torch.Tensor],
+    value: torch.Tensor,
+    pset_map: torch.Tensor,
+    scale: float | None = None,
+    key_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked softmax attention in float64 with a position set per pair.
+
+    ``queries[p]`` (B, Hq, Lq, D) and ``keys[p]`` (B, Hkv, S, D) score the pairs where
+    ``pset_map == p``; pairs with -1 (or a padded key, ``key_keep`` (B, S) False) are
+    excluded. Grouped-query attention by repeating K/V. Rows with no visible key are 0.
+    Returns (B, Hq, Lq, Dv) float64.
+    """
+    bsz, hq, q_len, d = queries[0].shape
+    hkv = keys[0].shape[1]
+    scale = d**-0.5 if scale is None else scale
+    scores = torch.zeros(bsz, hq, q_len, keys[0].shape[2], dtype=torch.float64)
+    for p, (q, k) in enumerate(zip(queries, keys, strict=True)):
+        k = k.double().repeat_interleave(hq // hkv, dim=1)
+        s = (q.double() @ k.transpose(-1, -2)) * scale
+        scores = torch.where(pset_map == p, s, scores)
+    visible = (pset_map >= 0)[None, None].expand(bsz, 1, -1, -1)
+    if key_keep is not None:
+        visible = visible & key_keep.bool()[:, None, None, :]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    v = value.double().repeat_interleave(hq // hkv, dim=1)
+    return weights @ v
+
+
+def causal_map(q_len: int, kv_len: int, q_offset: int | None = None) -> torch.Tensor:
+    """pset map of plain causal attention for queries at slots ``q_offset ..`` (default: the newest)."""
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    i = torch.arange(q_offset, q_offset + q_len)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    return torch.where(j <= i, 0, -1)
+
+
+def lambda_mask(length: int, sinks: int, window: int) -> torch.Tensor:
+    """(length, length) bool Λ mask: key j visible from query i if j <= i and (i - j < window or j < sinks)."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    return (j <= i) & ((i - j < window) | (j < sinks))
+
+
+# --------------------------------------------------------------------------- windowed methods (issue 4)
+#
+# Each factory returns a transformers attention function for one unpadded sequence run in
+# a single forward without a cache (positions 0..n-1). It undoes the model's rotation in
+# float64, rotates queries and keys to the positions the method's paper assigns to each
+# pair, and applies a full n x n (or per-query) softmax. ``reference_logits`` runs a model
+# with one of them.
+
+
+def rope64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE in float64, "rotate half" layout: x (..., L, D) rotated by positions (L,)."""
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    x = x.double()
+    half = x.shape[-1] // 2
+    return x * angles.cos() + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * angles.sin()
+
+
+def _raw(query, key, inv_freq):
+    n = query.shape[-2]
+    assert key.shape[-2] == n, "reference attention runs one full sequence without a cache"
+    pos = torch.arange(n)
+    return rope64(query, -pos, inv_freq), rope64(key, -pos, inv_freq)
+
+
+def _scores(q, k, q_pos, k_pos, inv_freq, scale):
+    """(B, Hq, n, n) scores with queries at q_pos and keys at k_pos (K/V heads repeated)."""
+    groups = q.shape[1] // k.shape[1]
+    kk = rope64(k, k_pos, inv_freq).repeat_interleave(groups, dim=1)
+    return (rope64(q, q_pos, inv_freq) @ kk.transpose(-1, -2)) * scale
+
+
+def _finish(scores, visible, value, query):
+    groups = query.shape[1] // value.shape[1]
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = weights @ value.double().repeat_interleave(groups, dim=1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def self_extend_attention(window: int, group: int, inv_freq: torch.Tensor):
+    """Self-Extend (Jin et al., 2024): normal scores if i - j < W, else grouped positions."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k = _raw(query, key, inv_freq)
+        n = q.shape[-2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        pos = torch.arange(n)
+        normal = _scores(q, k, pos, pos, inv_freq, scaling)
+        grouped = _scores(
+            q, k, pos // group + window - window // group, pos // group, inv_freq, scaling
+        )
+        scores = torch.where(i - j < window, normal, grouped)
+        return _finish(scores, j <= i, value, query)
+
+    return attention
+
+
+def lm_infinite_attention(sinks: int, window: int, cap: int, inv_freq: torch.Tensor):
+    """LM-Infinite (Han et al., 2023): Λ mask, distance min(i - j, cap) for every visible pair."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k = _raw(query, key, inv_freq)
+        n = q.shape[-2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        pos = torch.arange(n)
+        normal = _scores(q, k, pos, pos, inv_freq, scaling)
+        capped = _scores(q, k, torch.full((n,), cap), torch.zeros(n), inv_freq, scaling)
+        scores = torch.where(i - j < cap, normal, capped)
+        return _finish(scores, (j <= i) & ((i - j < window) | (j < sinks)), value, query)
+
+    return attention
+
+
+def streaming_attention(sinks: int, window: int, inv_freq: torch.Tensor):
+    """StreamingLLM (Xiao et al., 2023) simulated token by token: for each query, the cache
+    holds the first ``sinks`` tokens and the ``window`` newest (the query included), and
+    every token sits at its index in that cache."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k = _raw(query, key, inv_freq)
+        n = q.shape[-2]
+        groups = q.shape[1] // k.shape[1]
+        v = value.double().repeat_interleave(groups, dim=1)
+        kk = k.repeat_interleave(groups, dim=1)
+        out = torch.zeros(q.shape[0], q.shape[1], n, v.shape[-1], dtype=torch.float64)
+        for t in range(n):
+            cache = sorted(
+                set(range(min(sinks, t + 1))) | set(range(max(0, t - window + 1), t + 1))
+            )
+            slot = torch.arange(len(cache))
+            keys = rope64(kk[:, :, cache], slot, inv_freq)
+            qt = rope64(q[:, :, t : t + 1], slot[-1:], inv_freq)
+            w = torch.softmax((qt @ keys.transpose(-1, -2)) * scaling, dim=-1)
+            out[:, :, t : t + 1] = w @ v[:, :, cache]
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def reference_logits(model, input_ids: torch.Tensor, attention) -> torch.Tensor:
+    """Logits of ``model`` on one unpadded batch with ``attention`` as its attention function."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = f"reference-{id(attention)}"
+    previous = model.config._attn_implementation
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            return model(input_ids, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)
