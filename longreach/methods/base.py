@@ -159,6 +159,17 @@ class Method:
     def fail(self, message: str) -> typing.NoReturn:
         raise LongreachError(f"{self.name}: {message}")
 
+    def trained_length(self, model: torch.nn.Module) -> int:
+        """L: ``original_max`` when given, else the length the model was trained on."""
+        if getattr(self, "original_max", None) is not None:
+            return int(self.original_max)
+        from longreach.models.info import trained_length
+
+        try:
+            return trained_length(model)
+        except ValueError:
+            self.fail("the model's config names no trained length; pass original_max=<tokens>.")
+
     def params(self) -> dict[str, Any]:
         """All parameters with their current values, in declaration order."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

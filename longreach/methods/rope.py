@@ -76,17 +76,6 @@ class RopeMethod(Method):
         if original_max is not None and original_max < 1:
             self.fail(f"original_max must be a positive number of tokens (got {original_max}).")
 
-    def trained_length(self, model: torch.nn.Module) -> int:
-        """L: ``original_max`` when given, else the length the model was trained on."""
-        if getattr(self, "original_max", None) is not None:
-            return int(self.original_max)
-        from longreach.models.info import trained_length
-
-        try:
-            return trained_length(model)
-        except ValueError:
-            self.fail("the model's config names no trained length; pass original_max=<tokens>.")
-
     def targets(self, model: torch.nn.Module) -> list[RopeTarget]:
         """Each rotary module of ``model``, checked to be plain RoPE this method can rescale."""
         config = getattr(model, "config", None)

@@ -143,17 +143,6 @@ class WindowedMethod(Method):
 
     touches: ClassVar[frozenset[str]] = frozenset({ATTENTION})
 
-    def trained_length(self, model: torch.nn.Module) -> int:
-        """L: ``original_max`` when given, else the length the model was trained on."""
-        if getattr(self, "original_max", None) is not None:
-            return int(self.original_max)
-        from longreach.models.info import trained_length
-
-        try:
-            return trained_length(model)
-        except ValueError:
-            self.fail("the model's config names no trained length; pass original_max=<tokens>.")
-
     def layout(self, model: torch.nn.Module, rotary: torch.nn.Module) -> WindowedLayout:
         raise NotImplementedError
 
