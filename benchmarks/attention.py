@@ -264,7 +264,7 @@ def main() -> None:
         "| n | dtype | case | time s | CPU s | × sdpa (wall) | × sdpa (CPU) | speed-up (CPU) "
         "| peak extra MiB | GFLOP/s | % dtype mm peak | % fp32 mm peak |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in dtypes:
         for n in lengths:
             repeats = args.repeats or (3 if n <= 16 * 1024 else 1)

@@ -7,5 +7,6 @@ __version__ = "0.1.0"
 from longreach.errors import LongreachError
 from longreach.extend import extend
 from longreach.models import load
+from longreach.prefill import greedy, prefill  # the function shadows the submodule name
 
-__all__ = ["LongreachError", "__version__", "extend", "load"]
+__all__ = ["LongreachError", "__version__", "extend", "greedy", "load", "prefill"]

@@ -72,6 +72,22 @@ def test_lambda_layout_matches_a_dense_lambda_mask():
     assert err <= 1e-5, f"Λ layout logits differ from sdpa with a dense Λ mask by {err:.2e}"
 
 
+def test_generate_under_lambda_matches_a_dense_lambda_mask():
+    """Decoding steps (one query against the cache) follow the same Λ pattern as prefill."""
+    model = tiny_model("qwen2")
+    n, new, sinks, window = 30, 8, 2, 9
+    ids = _ids(1, n)
+    with la.use(model, la.LambdaLayout(sinks=sinks, window=window)):
+        seq = model.generate(ids, max_new_tokens=new, do_sample=False)
+    dense = lambda_mask(n + new, sinks, window)[None, None]
+    with torch.no_grad():
+        logits = model(seq, attention_mask=dense).logits
+    want = logits[0, n - 1 : n + new - 1].argmax(-1)
+    assert torch.equal(seq[0, n:], want), (
+        f"Λ generate gave {seq[0, n:].tolist()}, dense Λ {want.tolist()}"
+    )
+
+
 def test_lambda_with_window_beyond_length_is_vanilla():
     model = tiny_model("qwen2")
     ids = _ids(1, 40)

@@ -98,3 +98,9 @@ class _nothing:
 
     def __exit__(self, *exc):
         return None
+
+
+def test_prefill_is_the_top_level_function():
+    import longreach
+
+    assert longreach.prefill is prefill and longreach.greedy is greedy
