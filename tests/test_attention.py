@@ -27,16 +27,6 @@ BACKENDS = [("cpu", "flash_cpu"), ("cpu", "torch")] + [
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These inputs are small: on a shared 2-core machine, waking a second thread per tiny
-    # kernel call costs more (milliseconds under load) than the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def qkv(batch, heads, kv_heads, q_len, kv_len, dim=32, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, q_len, dim, generator=g)

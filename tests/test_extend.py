@@ -20,16 +20,6 @@ TRANSFORMERS_TWINS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls: with 2 threads on a shared 2-core machine each one waits for the busy
-    # other core (measured 20 ms vs 0.3 ms per call); one thread keeps this file at seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ids(length, batch=1, seed=0):
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -20,14 +20,6 @@ from longreach import LongreachError, compat
 from longreach.methods.base import ATTENTION, CACHE, Method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclasses.dataclass
 class CountingAttention(Method):
     """SDPA through a registered attention function that counts its calls."""

@@ -12,14 +12,6 @@ from longreach.errors import LongreachError
 from longreach.prefill import greedy, prefill
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny inputs: a second thread only adds wake-up latency
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ids(batch=2, n=53, seed=0):
     return torch.randint(3, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 

@@ -17,14 +17,6 @@ from longreach.prefill import prefill
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sharp_model(family, **overrides):
     """A tiny model whose attention depends strongly on positions (q/k weights x 8).
 
