@@ -86,7 +86,7 @@ def train(
     out: str = typer.Option(
         "runs/lab", "--out", help="Output model directory (resumes if it has a checkpoint)."
     ),
-    steps: int = typer.Option(800, help="Optimisation steps."),
+    steps: int = typer.Option(3000, help="Optimisation steps (the recipe of docs/lab.md)."),
     seed: int = typer.Option(0, help="Random seed: same seed, same model."),
     pipeline: str = typer.Option(
         "dd", help="dd (Dataset Decomposition) or concat (concat-and-chunk)."

@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", choices=("dd", "concat"), default=defaults.pipeline)
     parser.add_argument("--init-from", default=None, help="continue from this model directory")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument(
+        "--copy-warmup-steps",
+        type=int,
+        default=defaults.copy_warmup_steps,
+        help="first steps on random-token copy sequences only (forms induction heads)",
+    )
     args = vars(parser.parse_args(argv))
     args["out_dir"] = args.pop("out")
 

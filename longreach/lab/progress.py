@@ -31,7 +31,10 @@ def run_with_progress(cfg: TrainConfig, console: Console | None = None) -> Train
             )
             if info.val_loss is not None:
                 fields["val"] = f"{info.val_loss:.3f}"
-                progress.console.log(f"step {info.step}: validation loss {info.val_loss:.3f}")
+                probe = "" if info.passkey is None else f", passkey {info.passkey:.0%}"
+                progress.console.log(
+                    f"step {info.step}: validation loss {info.val_loss:.3f}{probe}"
+                )
             elif not progress.console.is_terminal and info.step % 25 == 0:
                 # Logged to a file: no live bar, so a line now and then.
                 progress.console.log(

@@ -9,11 +9,17 @@ the lab model is trained on exactly the prompt formats it is measured on:
   <city> is: <7 digits>." in essay text; the essay haystack is the *training* essays only, so
   the held-out essays stay unseen;
 
-Besides these, ``copy_sequence`` writes random numbers followed by the same numbers again:
-half of its tokens can only be predicted by copying from the context, which teaches the
-induction heads that retrieval needs far sooner than the sparse answers of the tasks above
-(a first run without them had not copied a single passkey after 450 of 800 steps). It fits
-every bucket length.
+Besides these, ``copy_sequence`` writes a random list followed by the same list again: half
+of its tokens can only be predicted by copying from the context, which teaches the induction
+heads that retrieval needs far sooner than the sparse answers of the tasks above. Half of the
+lists are random tokens of the whole vocabulary, half are random numbers. The token lists are
+what makes induction heads form: measured on this model (hidden 128, 4 layers, lr 3e-3, 2048
+tokens a step, pure copy data), the loss on the copied half fell from 8.3 to 0.01 within 350
+steps with random-token lists, while with digit lists alone it was still at 1.83 (against
+2.04 on the first half) after 1,000 steps: a digit occurs ~25 times in a list, so "find the
+previous occurrence of this token and copy what followed" is ambiguous and gives no signal
+to start from. The first checkpoint, trained on digit lists only (3.0M tokens), never copied.
+It fits every bucket length.
 
 ``kv-retrieval`` is left out: its instructions and one UUID pair alone take about 150 of the
 256 tokens of the trained length.
@@ -75,6 +81,42 @@ COPY_INSTRUCTION = "Repeat the list of numbers.\n"
 
 
 def copy_sequence(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[int]:
+    """A random list, then "Again:" and the same list, exactly ``n_tokens`` tokens.
+
+    Half the time the list is random tokens (:func:`token_copy_sequence`), otherwise
+    random numbers (:func:`number_copy_sequence`).
+    """
+    if rng.random() < 0.5:
+        return token_copy_sequence(tokenizer, rng, n_tokens)
+    return number_copy_sequence(tokenizer, rng, n_tokens)
+
+
+def token_copy_sequence(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[int]:
+    """``<s>``, the instruction, random non-special token ids, "Again:", the same ids."""
+    head = tokenizer("Repeat the list of words.\n", add_special_tokens=True).input_ids
+    again = tokenizer("\nAgain: ", add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids)
+    low = max(special) + 1 if special else 0
+    count = max(1, (n_tokens - len(head) - len(again)) // 2 + 1)
+    body = [int(x) for x in rng.integers(low, len(tokenizer), count)]
+    return (head + body + again + body)[:n_tokens]
+
+
+def repeated_tokens(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[int]:
+    """``<s>`` and a random list of non-special tokens repeated until ``n_tokens`` are filled.
+
+    The list is n/4 to n/2 tokens long, so every token after its first period is a copy.
+    The training's first steps use only these: the plainest signal for induction heads.
+    """
+    special = set(tokenizer.all_special_ids)
+    low = max(special) + 1 if special else 0
+    period = int(rng.integers(max(1, n_tokens // 4), max(2, n_tokens // 2) + 1))
+    body = [int(x) for x in rng.integers(low, len(tokenizer), period)]
+    reps = -(-(n_tokens - 1) // period)
+    return ([tokenizer.bos_token_id] + body * reps)[:n_tokens]
+
+
+def number_copy_sequence(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[int]:
     """Random numbers, then "Again:" and the same numbers, cut to exactly ``n_tokens`` tokens."""
     numbers: list[str] = []
     while True:

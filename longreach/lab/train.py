@@ -42,14 +42,15 @@ class TrainConfig:
     out_dir: Path = Path("runs/lab")
     seed: int = 0
     pipeline: str = "dd"  # "dd" (Dataset Decomposition) or "concat" (concat-and-chunk)
-    steps: int = 800
+    steps: int = 3000
     token_budget: int = 2048  # tokens per optimisation step
     seq_len: int = 256  # the trained context length
     min_len: int = 32  # shortest Dataset Decomposition bucket
     curriculum_cycles: int = 4
     curriculum_sharpness: float = 8.0
-    synthetic_fraction: float = 0.5  # share of training tokens that are retrieval samples
+    synthetic_fraction: float = 0.6  # share of training tokens that are retrieval samples
     copy_share: float = 0.4  # share of those that are copy sequences (the rest: harness tasks)
+    copy_warmup_steps: int = 600  # first steps: repeated random-token lists only (see Batches)
     vocab_size: int = 4096
     hidden_size: int = 128
     num_layers: int = 4
@@ -64,6 +65,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 100
     eval_windows: int = 24  # held-out windows of seq_len tokens for the validation loss
+    probe_samples: int = 10  # passkey samples at seq_len scored at each evaluation (0: none)
     max_text_docs: int | None = None  # for tests: use only the first n documents
     init_from: str | None = None  # continue from this model directory (its tokenizer too)
     threads: int | None = None
@@ -84,6 +86,7 @@ class StepInfo:
     tokens: int
     seconds: float  # wall time of this step
     val_loss: float | None = None
+    passkey: float | None = None  # probe accuracy at the trained length, at evaluations
 
 
 @dataclass
@@ -245,10 +248,29 @@ def prepare_data(cfg: TrainConfig, on_status: Callable[[str], None] = log.info) 
 
 
 class Batches:
-    """The batch of step ``s``, a pure function of ``(seed, s)`` (resume-safe)."""
+    """The batch of step ``s``, a pure function of ``(seed, s)`` (resume-safe).
+
+    The first ``copy_warmup_steps`` steps are repeated random-token lists only
+    (:func:`synthetic.repeated_tokens`, generated on the fly): ``min_len`` tokens for two
+    thirds of them, then twice that. Induction heads (find the earlier occurrence of the
+    current token, predict what followed it) form there, and every retrieval task is learnt
+    on top of them. Measured on this model (2048 tokens a step, lr 3e-3, 1 thread):
+
+    - copy sequences only mixed into the text (12% of the tokens): no induction head after
+      1,500 steps (loss on the copied half of a random-token list 8.4, as on the first half)
+      and no passkey retrieved;
+    - repeated lists alone, 128-token rows, periods of 32-64: loss still 8.1-8.2 (of 8.3)
+      after 550 steps, with 2 or 4 heads;
+    - repeated lists alone, 32-token rows, periods of 8-16: loss on the last quarter 7.9,
+      5.2, 3.4 after 50, 300, 500 steps.
+
+    (A fixed period is learnt in 150 steps, but by a head that attends at a fixed offset,
+    which does not help retrieval.)
+    """
 
     def __init__(self, cfg: TrainConfig, data: Data) -> None:
         self.cfg = cfg
+        self.tokenizer = data.tokenizer
         bos = data.tokenizer.bos_token_id
         if cfg.pipeline == "dd":
             self.buckets = decomposition.build_buckets(
@@ -262,6 +284,16 @@ class Batches:
 
     def __call__(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.cfg.seed, 2, step])
+        if step < self.cfg.copy_warmup_steps:
+            # Short rows first: at initialisation attention is spread evenly over the
+            # context, so the signal for the right key falls with the row length.
+            short = step < 2 * self.cfg.copy_warmup_steps // 3
+            n = self.cfg.min_len if short else min(2 * self.cfg.min_len, self.cfg.seq_len)
+            rows = [
+                synthetic.repeated_tokens(self.tokenizer, rng, n)
+                for _ in range(max(1, self.cfg.token_budget // n))
+            ]
+            return torch.tensor(rows, dtype=torch.int64)
         if self.cfg.pipeline == "dd":
             batch = decomposition.dd_batch(
                 self.buckets,
@@ -297,6 +329,25 @@ def validation_loss(model, rows: np.ndarray, batch_size: int = 8) -> float:
         count += len(x)
     model.train()
     return total / max(1, count)
+
+
+def passkey_probe(model, tokenizer, cfg: TrainConfig) -> float | None:
+    """Passkey accuracy at the trained length on ``probe_samples`` evaluation samples.
+
+    Training watches it because the validation loss says nothing about copying: the first
+    checkpoint's loss kept falling while it never retrieved a key.
+    """
+    if cfg.probe_samples <= 0:
+        return None
+    from longreach.lab.evaluate import passkey_accuracy
+
+    model.eval()
+    try:
+        return passkey_accuracy(model, tokenizer, cfg.seq_len, cfg.probe_samples).accuracy
+    except LongreachError:  # a test's tiny vocabulary cannot fit the prompt
+        return None
+    finally:
+        model.train()
 
 
 def _save_state(path: Path, model, opt, step: int, extra: dict) -> None:
@@ -396,9 +447,10 @@ def train(
         seconds += dt
         tokens += x.numel()
         done = step + 1
-        val = None
+        val = probe = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val = validation_loss(model, data.val_rows)
+            probe = passkey_probe(model, data.tokenizer, cfg)
         record = {
             "step": done,
             "loss": round(loss.item(), 4),
@@ -408,9 +460,13 @@ def train(
         }
         if val is not None:
             record["val_loss"] = round(val, 4)
+        if probe is not None:
+            record["passkey"] = probe
         history.append(record)
         if on_step:
-            on_step(StepInfo(done, cfg.steps, loss.item(), lr, x.shape[1], x.numel(), dt, val))
+            on_step(
+                StepInfo(done, cfg.steps, loss.item(), lr, x.shape[1], x.numel(), dt, val, probe)
+            )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint(done)
 
@@ -421,7 +477,7 @@ def train(
 
 def _config_key(cfg: TrainConfig) -> dict:
     key = asdict(cfg)
-    for volatile in ("out_dir", "checkpoint_every", "eval_every", "threads"):
+    for volatile in ("out_dir", "checkpoint_every", "eval_every", "threads", "probe_samples"):
         key.pop(volatile)
     return key
 
