@@ -57,7 +57,21 @@ class PlannedCell:
     depth: float | None
     seed: int
     idx: int
-    key: str
+    fingerprint: str  # the model's
+
+    @property
+    def key(self) -> str:
+        """The store key: what identifies this cell's result across runs."""
+        return cell_key(
+            self.fingerprint,
+            self.method,
+            self.task_spec,
+            self.prompt_format,
+            self.length,
+            self.depth,
+            self.seed,
+            self.idx,
+        )
 
     def describe(self) -> str:
         depth = "" if self.depth is None else f" · depth {self.depth:g}"
@@ -111,16 +125,6 @@ def build_plan(
             for length in config.lengths:
                 for idx in range(samples):
                     for depth in depths:
-                        key = cell_key(
-                            fingerprint,
-                            method,
-                            spec,
-                            prompt_format,
-                            length,
-                            depth,
-                            config.seed,
-                            idx,
-                        )
                         cells.append(
                             PlannedCell(
                                 method,
@@ -131,7 +135,7 @@ def build_plan(
                                 depth,
                                 config.seed,
                                 idx,
-                                key,
+                                fingerprint,
                             )
                         )
     return cells
