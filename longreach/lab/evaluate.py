@@ -22,6 +22,7 @@ import torch
 
 from longreach import compat
 from longreach.lab import corpus
+from longreach.prefill import greedy, prefill
 from longreach.tasks import PromptFormat, get_task
 
 EVAL_SEED = 0
@@ -37,20 +38,6 @@ class PasskeyResult:
     @property
     def accuracy(self) -> float:
         return self.correct / max(1, self.total)
-
-
-@torch.no_grad()
-def greedy(model, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation, with the model's KV cache."""
-    ids = torch.tensor([list(input_ids)])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=model.config.pad_token_id,
-    )
-    return out[0, ids.shape[1] :].tolist()
 
 
 def passkey_accuracy(
@@ -74,8 +61,10 @@ def task_accuracy(
     for i in range(samples):
         depth = i / max(1, samples - 1)
         sample = task.generate(fmt, length, depth, seed, i)
-        new = greedy(model, sample.input_ids, sample.max_new_tokens)
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        ids = torch.tensor([list(sample.input_ids)])
+        state = prefill(model, ids, chunk=ids.shape[1])
+        new = greedy(model, state, sample.max_new_tokens, tokenizer.eos_token_id)
+        text = tokenizer.decode(new[0], skip_special_tokens=True)
         score = task.score(sample, text)
         correct += int(score >= 1.0)
         outputs.append((sample.expected[0], text))

@@ -91,14 +91,19 @@ def copy_sequence(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[in
     return number_copy_sequence(tokenizer, rng, n_tokens)
 
 
+def _random_tokens(tokenizer, rng: np.random.Generator, count: int) -> list[int]:
+    """``count`` uniform random ids of the vocabulary, special tokens (the lowest ids) excluded."""
+    special = set(tokenizer.all_special_ids)
+    low = max(special) + 1 if special else 0
+    return [int(x) for x in rng.integers(low, len(tokenizer), count)]
+
+
 def token_copy_sequence(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[int]:
     """``<s>``, the instruction, random non-special token ids, "Again:", the same ids."""
     head = tokenizer("Repeat the list of words.\n", add_special_tokens=True).input_ids
     again = tokenizer("\nAgain: ", add_special_tokens=False).input_ids
-    special = set(tokenizer.all_special_ids)
-    low = max(special) + 1 if special else 0
     count = max(1, (n_tokens - len(head) - len(again)) // 2 + 1)
-    body = [int(x) for x in rng.integers(low, len(tokenizer), count)]
+    body = _random_tokens(tokenizer, rng, count)
     return (head + body + again + body)[:n_tokens]
 
 
@@ -108,10 +113,8 @@ def repeated_tokens(tokenizer, rng: np.random.Generator, n_tokens: int) -> list[
     The list is n/4 to n/2 tokens long, so every token after its first period is a copy.
     The training's first steps use only these: the plainest signal for induction heads.
     """
-    special = set(tokenizer.all_special_ids)
-    low = max(special) + 1 if special else 0
     period = int(rng.integers(max(1, n_tokens // 4), max(2, n_tokens // 2) + 1))
-    body = [int(x) for x in rng.integers(low, len(tokenizer), period)]
+    body = _random_tokens(tokenizer, rng, period)
     reps = -(-(n_tokens - 1) // period)
     return ([tokenizer.bos_token_id] + body * reps)[:n_tokens]
 
