@@ -59,3 +59,38 @@ def test_default_dtype_is_float():
     assert compat.default_dtype("cpu") in (torch.float32, torch.bfloat16)
     if not compat.cpu_supports_bf16():
         assert compat.default_dtype("cpu") == torch.float32
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        # AMD EPYC, AVX2 only
+        ("flags\t\t: fpu sse2 avx avx2 fma", False),
+        # Intel Xeon with AVX-512 but no bf16 units: oneDNN only emulates bf16 there
+        ("flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512_vnni", False),
+        # Intel Xeon with AVX512-BF16
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16", True),
+        # Sapphire Rapids: AMX
+        ("flags\t\t: avx512f amx_bf16 amx_tile", True),
+        # Arm with the BF16 extension
+        ("Features\t: fp asimd sve bf16", True),
+        ("Features\t: fp asimd", False),
+    ],
+)
+def test_bf16_decision_follows_the_cpu_flags(tmp_path, monkeypatch, line, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{line}\n", encoding="utf-8")
+    real = compat.cpu_flags
+    monkeypatch.setattr(compat, "cpu_flags", lambda: real(str(cpuinfo)))
+    # the mkldnn probe says True on every AVX-512 CPU; it must not be consulted
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    compat.cpu_supports_bf16.cache_clear()
+    try:
+        assert compat.cpu_supports_bf16() is expected, f"{line!r}: expected {expected}"
+        assert compat.default_dtype("cpu") == (torch.bfloat16 if expected else torch.float32)
+    finally:
+        compat.cpu_supports_bf16.cache_clear()
+
+
+def test_cpu_flags_without_cpuinfo_is_empty(tmp_path):
+    assert compat.cpu_flags(str(tmp_path / "missing")) == frozenset()
