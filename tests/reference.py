@@ -201,3 +201,117 @@ def reference_logits(model, input_ids: torch.Tensor, attention) -> torch.Tensor:
             return model(input_ids, use_cache=False).logits
     finally:
         model.set_attn_implementation(previous)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def infllm_steps(calls: Sequence[int], n: int, chunk: int, dense: int) -> list[tuple[int, int]]:
+    """The execution steps of InfLLM for model calls starting at ``calls`` (positions) over n tokens.
+
+    A call [p0, p1) runs its queries below ``dense`` as one step, then chunks of ``chunk``
+    queries from max(p0, dense) on (a decoded token is a call of its own).
+    """
+    bounds = [*calls, n]
+    steps = []
+    for p0, p1 in zip(bounds, bounds[1:], strict=False):
+        if p0 < dense:
+            steps.append((p0, min(p1, dense)))
+        s = max(p0, dense)
+        while s < p1:
+            steps.append((s, min(p1, s + chunk)))
+            s += chunk
+    return steps
+
+
+def infllm_attention(
+    *,
+    init: int,
+    block: int,
+    window: int,
+    topk: int,
+    repr: int,
+    chunk: int,
+    dense: int,
+    inv_freq: torch.Tensor,
+    calls: Sequence[int] = (0,),
+    per_head: bool = False,
+    selected: list | None = None,
+):
+    """InfLLM (Xiao et al., 2024) simulated query by query in float64 on a whole sequence.
+
+    For each step (see :func:`infllm_steps`): queries below ``dense`` see every earlier key
+    at true positions. Above it, blocks b (tokens init + b*block ..) whose last token is at
+    most ``s - window`` are in memory, each represented by the mean un-rotated key of its
+    ``repr`` best-scored tokens per KV head; the chunk's mean query rotated to ``window``
+    picks the ``topk`` blocks with the highest representative score (summed over KV
+    heads, or per KV head). A query i sees the band (i - window, i] at true positions and,
+    at distance ``window`` (query at position window, keys at 0), the init tokens, the
+    chosen blocks and the tokens from the end of the last block to i - window. One softmax
+    over all of them. Then every token j gets the probability it received from the
+    queries i with window - chunk <= i - j < window, summed over its KV head's query heads.
+    ``selected``, if a list, receives (layer, step start, chosen block indices) per step.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k = _raw(query, key, inv_freq)
+        _, hq, n, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        scale = scaling if scaling is not None else d**-0.5
+        pos = torch.arange(n)
+        true_q = rope64(q[0], pos, inv_freq)  # (Hq, n, D)
+        true_k = rope64(k[0], pos, inv_freq).repeat_interleave(g, 0)
+        far_q = rope64(q[0], torch.full((n,), window), inv_freq)
+        raw_k = k[0].repeat_interleave(g, 0)  # un-rotated: position 0
+        v = value[0].double().repeat_interleave(g, 0)
+        out = torch.zeros(hq, n, v.shape[-1], dtype=torch.float64)
+        scores = torch.zeros(hkv, n, dtype=torch.float64)
+        reps: list[torch.Tensor] = []
+        j = torch.arange(n)
+        for s, e in infllm_steps(calls, n, chunk, dense):
+            sparse = s >= dense
+            if sparse:
+                while len(reps) < max(0, (s - window - init + 1) // block):
+                    a = init + len(reps) * block
+                    top = scores[:, a : a + block].topk(min(repr, block), dim=-1).indices + a
+                    reps.append(torch.stack([k[0, h, top[h]].mean(0) for h in range(hkv)]))
+                nb = len(reps)
+                chosen = [list(range(nb))] * hkv
+                if nb > topk:
+                    mean_q = far_q[:, s:e].mean(1).view(hkv, g, d).sum(1)  # (Hkv, D)
+                    per_block = torch.einsum("nhd,hd->nh", torch.stack(reps), mean_q)
+                    if per_head:
+                        chosen = [sorted(per_block[:, h].topk(topk).indices.tolist()) for h in range(hkv)]
+                    else:
+                        chosen = [sorted(per_block.sum(1).topk(topk).indices.tolist())] * hkv
+                if selected is not None:
+                    selected.append((module.layer_idx, s, chosen))
+            for i in range(s, e):
+                band = (j <= i) & (i - j < window)
+                if sparse:
+                    far = torch.zeros(hq, n, dtype=torch.bool)
+                    for h in range(hq):
+                        mem = (j < init) | ((j >= init + nb * block) & (j <= i - window))
+                        for b in chosen[h // g]:
+                            mem |= (j >= init + b * block) & (j < init + (b + 1) * block)
+                        far[h] = mem
+                    near = band[None].expand(hq, -1)
+                else:
+                    near = (j <= i)[None].expand(hq, -1)
+                    far = torch.zeros(hq, n, dtype=torch.bool)
+                s_near = (true_k @ true_q[:, i, :, None])[..., 0] * scale  # (Hq, n)
+                s_far = (raw_k @ far_q[:, i, :, None])[..., 0] * scale
+                logits = torch.cat(
+                    [s_near.masked_fill(~near, float("-inf")), s_far.masked_fill(~far, float("-inf"))],
+                    dim=-1,
+                )
+                lse = torch.logsumexp(logits, dim=-1)  # (Hq,)
+                w = torch.exp(logits - lse[:, None])
+                out[:, i] = (w[:, None, :n] @ v + w[:, None, n:] @ v)[:, 0]
+                edge = band & (i - j >= window - chunk) & (j >= init)
+                p = torch.exp(s_near - lse[:, None]).masked_fill(~edge[None], 0.0)
+                scores += p.view(hkv, g, n).sum(1)
+        return out[None].to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention

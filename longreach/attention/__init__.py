@@ -79,7 +79,9 @@ from longreach.attention.hf import (
     use,
 )
 from longreach.attention.kernel import KeyPadding, PositionSet, block_attention, default_backend
+from longreach.attention.context import current_memory
 from longreach.attention.layout import (
+    AttentionCall,
     BlockLayout,
     CausalLayout,
     Kind,
@@ -90,6 +92,7 @@ from longreach.attention.layout import (
     Region,
     RegionLayout,
     Tile,
+    Work,
     check_disjoint,
     plan,
 )
@@ -97,6 +100,7 @@ from longreach.attention.rotary import inv_freq, rotate
 
 __all__ = [
     "NAME",
+    "AttentionCall",
     "BlockLayout",
     "CausalLayout",
     "KeyPadding",
@@ -111,9 +115,11 @@ __all__ = [
     "SlotMask",
     "Tile",
     "UseHandle",
+    "Work",
     "attention_modules",
     "block_attention",
     "check_disjoint",
+    "current_memory",
     "default_backend",
     "inv_freq",
     "layout_of",

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from longreach import compat
+from longreach.attention import context
 from longreach.attention.kernel import KeyPadding, block_attention
-from longreach.attention.layout import CausalLayout, Layout
+from longreach.attention.layout import AttentionCall, CausalLayout, Layout
 from longreach.errors import LongreachError
 
 __all__ = ["NAME", "SlotMask", "UseHandle", "attention_modules", "layout_of", "register", "use"]
@@ -171,11 +172,43 @@ def attention_forward(
     else:  # no mask made (called outside a model forward): the queries are the newest keys
         q_offset, padding = kv_len - q_len, None
     layout = _LAYOUTS.get(module, _DEFAULT)
-    plan = layout.plan_for(module, query, key, q_offset)
-    sets = layout.position_sets(module, query, key, q_offset)
-    out = block_attention(
-        query, key, value, plan, scale=scaling, padding=padding, position_sets=sets
+    call = AttentionCall(
+        module,
+        getattr(module, "layer_idx", 0),
+        query,
+        key,
+        value,
+        q_offset,
+        padding,
+        context.current_memory(),
+        scaling,
     )
+    out = None
+    for work in layout.prepare(call):
+        rows = work.rows
+        part = (rows is None) or (rows == (0, q_len))
+        q = query if part else query[:, :, rows[0] : rows[1]]
+        o = block_attention(
+            q,
+            key,
+            value,
+            work.plan,
+            scale=scaling,
+            padding=padding,
+            position_sets=work.sources,
+            return_lse=work.done is not None,
+        )
+        if work.done is not None:
+            o, lse = o
+        if part:
+            out = o
+        else:
+            if out is None:
+                out = query.new_empty(query.shape[0], q_len, query.shape[1], value.shape[-1])
+                out = out.transpose(1, 2)
+            out[:, :, rows[0] : rows[1]] = o
+        if work.done is not None:
+            work.done(o, lse)
     return out.transpose(1, 2), None
 
 

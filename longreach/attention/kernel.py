@@ -46,16 +46,20 @@ _EMPTY = -1e29  # rows whose merged log-sum-exp stays below this saw no key: out
 
 @dataclass
 class PositionSet:
-    """Queries and keys rotated with another position rule, for regions with ``pset >= 1``.
+    """A source of (query, key, value) for regions with ``pset >= 1``.
 
     ``query`` has the shape of the model's query (B, Hq, Lq, D). ``key`` (B, Hkv, S', D)
     holds slots ``key_start .. key_start + S'`` only, so a set needs only the keys its
-    regions touch (e.g. LM-Infinite's few global tokens).
+    regions touch (e.g. LM-Infinite's few global tokens). Without ``value`` the set scores
+    other positions of the model's own keys and reads the model's values at the same slots;
+    with ``value`` (B, Hkv, S', Dv) it is a source of its own (memory blocks gathered into one
+    staging tensor, keys that are not resident in the cache) and key padding never applies.
     """
 
     query: torch.Tensor
     key: torch.Tensor
     key_start: int = 0
+    value: torch.Tensor | None = None
 
 
 class KeyPadding:
@@ -105,7 +109,8 @@ def block_attention(
     position_sets: Sequence[PositionSet] = (),
     backend: str = "auto",
     key_tile: int = 1024,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over ``key``/``value`` restricted to the pairs of ``plan``.
 
     query (B, Hq, Lq, D), key and value (B, Hkv, S, D) with Hkv dividing Hq; ``plan`` made
@@ -113,6 +118,8 @@ def block_attention(
     ``position_sets[p - 1]`` supplies the tensors of regions with ``pset = p``. Returns
     (B, Hq, Lq, Dv) in the query's dtype, laid out so that ``.transpose(1, 2)`` is
     contiguous (what transformers' attention modules expect). Rows that see no key are 0.
+    With ``return_lse`` also returns each row's log-sum-exp of its scaled scores (B, Hq, Lq),
+    fp32; rows that see no key get a huge negative value.
     """
     bsz, hq, q_len, _ = query.shape
     hkv, kv_len, dv = key.shape[1], key.shape[2], value.shape[-1]
@@ -146,11 +153,18 @@ def block_attention(
         )
 
     out = torch.empty(bsz, q_len, hq, dv, dtype=query.dtype, device=query.device).transpose(1, 2)
+    lse_out = (
+        torch.empty(bsz, hq, q_len, dtype=torch.float32, device=query.device)
+        if return_lse
+        else None
+    )
     q_off = plan.q_offset
     for tile in plan.tiles:
         r0, r1 = tile.q0 - q_off, tile.q1 - q_off
         if not tile.pieces:
             out[:, :, r0:r1] = 0
+            if lse_out is not None:
+                lse_out[:, :, r0:r1] = _NEG
             continue
         if len(tile.pieces) == 1 and (tile.pieces[0].q0, tile.pieces[0].q1) == (tile.q0, tile.q1):
             # One piece (e.g. a whole causal chunk): write its output directly.
@@ -158,6 +172,8 @@ def block_attention(
                 sets[tile.pieces[0].pset], value, tile.pieces[0], q_off, scale, padding, key_tile
             )
             out[:, :, r0:r1] = o if padding is None else _zero_empty_rows(o, lse)
+            if lse_out is not None:
+                lse_out[:, :, r0:r1] = lse
             continue
         # Two passes: the tile's log-sum-exp per row first (small), then every piece's output
         # weighted by exp(l_p - l) straight into one fp32 accumulator (one fused pass each).
@@ -182,7 +198,9 @@ def block_attention(
             for (a, b), (o, lse) in zip(rows, results, strict=True):
                 acc[:, :, a:b].addcmul_(o, torch.exp(lse - total[:, :, a:b])[..., None])
         out[:, :, r0:r1] = acc if padding is None and tile.covered else _zero_empty_rows(acc, total)
-    return out
+        if lse_out is not None:
+            lse_out[:, :, r0:r1] = total.clamp(min=_NEG)
+    return (out, lse_out) if return_lse else out
 
 
 def _zero_empty_rows(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -201,6 +219,8 @@ def _slices(pset: PositionSet, value: torch.Tensor, p: Piece, q_off: int):
             f"[{pset.key_start}, {pset.key_start + pset.key.shape[-2]})"
         )
     q = pset.query[:, :, p.q0 - q_off : p.q1 - q_off]
+    if pset.value is not None:
+        return q, pset.key[:, :, k0:k1], pset.value[:, :, k0:k1]
     return q, pset.key[:, :, k0:k1], value[:, :, p.k0 : p.k1]
 
 
@@ -208,7 +228,7 @@ def _piece_flash_cpu(pset, value, p: Piece, q_off, scale, padding, key_tile):
     op = compat.cpu_flash_attention()
     q, k, v = _slices(pset, value, p, q_off)
     mask = None
-    if padding is not None and padding.touches(p.k0, p.k1):
+    if padding is not None and pset.value is None and padding.touches(p.k0, p.k1):
         mask = padding.additive(p.k0, p.k1, q.dtype)
     if p.kind == Kind.UPPER:
         q, k, v = q.flip(-2), k.flip(-2), v.flip(-2)
@@ -222,6 +242,8 @@ def _piece_flash_cpu(pset, value, p: Piece, q_off, scale, padding, key_tile):
 
 def _piece_torch(pset, value, p: Piece, q_off, scale, padding, key_tile):
     q, k, v = _slices(pset, value, p, q_off)
+    if pset.value is not None:
+        padding = None
     bsz, hq, m, d = q.shape
     hkv, s_len = k.shape[1], k.shape[-2]
     g = hq // hkv

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from longreach.errors import LongreachError
 
 __all__ = [
+    "AttentionCall",
     "BlockLayout",
     "CausalLayout",
     "Kind",
@@ -51,6 +53,7 @@ __all__ = [
     "Region",
     "RegionLayout",
     "Tile",
+    "Work",
     "check_disjoint",
     "plan",
 ]
@@ -341,6 +344,45 @@ def _coalesce(tiles: list[Tile]) -> list[Tile]:
 # --------------------------------------------------------------------------- layouts
 
 
+@dataclass
+class AttentionCall:
+    """Everything one attention call sees: what :meth:`Layout.prepare` decides from.
+
+    ``query`` (B, Hq, Lq, D) and ``key``/``value`` (B, Hkv, S, D) are what transformers
+    passes (keys and values as the cache's ``update`` returned them); ``q_offset`` is the
+    slot of the first query among the keys; ``padding`` a ``KeyPadding`` or None; ``memory``
+    the model call's published memory (:mod:`longreach.attention.context`), or None.
+    """
+
+    module: Any
+    layer: int
+    query: Any
+    key: Any
+    value: Any
+    q_offset: int
+    padding: Any = None
+    memory: Any = None
+    scale: float | None = None
+
+
+@dataclass
+class Work:
+    """One kernel call: a plan, its extra sources, and the query rows it covers.
+
+    ``sources[p - 1]`` feeds the pieces with ``pset = p`` (a
+    :class:`~longreach.attention.kernel.PositionSet`, with values of its own when the keys
+    are not resident slots). ``rows`` (r0, r1) are the query rows of the call this work
+    computes (None: all); the plan and the sources' queries then cover those rows only.
+    ``done(output, lse)``, if given, is called with the rows' output and log-sum-exp
+    before the next work of the call is prepared: how a memory learns what a chunk saw.
+    """
+
+    plan: Plan
+    sources: Sequence[Any] = ()
+    rows: tuple[int, int] | None = None
+    done: Callable[[Any, Any], None] | None = None
+
+
 class Layout:
     """What a model's attention computes. Subclass and override :meth:`regions`.
 
@@ -379,6 +421,21 @@ class Layout:
     def position_sets(self, module, query, key, q_offset: int) -> Sequence:
         """Tensors for ``pset`` 1, 2, ...: a sequence of :class:`~longreach.attention.kernel.PositionSet`."""
         return ()
+
+    def prepare(self, call: AttentionCall) -> Iterable[Work]:
+        """The kernel calls for one attention call: the one hook a layout may override whole.
+
+        The default is one :class:`Work` from :meth:`plan_for` and :meth:`position_sets`.
+        A memory layout (InfLLM) overrides it: it sees query, key, value, layer and memory,
+        and yields one work per execution chunk with sources gathered from the memory. The
+        works are consumed lazily, so a chunk's ``done`` runs before the next is prepared.
+        """
+        return (
+            Work(
+                self.plan_for(call.module, call.query, call.key, call.q_offset),
+                self.position_sets(call.module, call.query, call.key, call.q_offset),
+            ),
+        )
 
 
 @functools.lru_cache(maxsize=64)

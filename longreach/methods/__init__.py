@@ -7,6 +7,7 @@ importing it below.
 
 from longreach.methods import (  # noqa: F401 - register
     dynamic_ntk,
+    infllm,
     lm_infinite,
     ntk,
     pi,
