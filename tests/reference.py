@@ -249,7 +249,7 @@ def infllm_attention(
     at distance ``window`` (query at position window, keys at 0), the init tokens, the
     chosen blocks and the tokens from the end of the last block to i - window. One softmax
     over all of them. Then every token j gets the probability it received from the
-    queries i with window - chunk <= i - j < window, summed over its KV head's query heads.
+    queries i with window - E <= i - j < window (E = chunk // 4, at least 1), summed over its KV head's query heads.
     ``selected``, if a list, receives (layer, step start, chosen block indices) per step.
     """
 
@@ -309,7 +309,7 @@ def infllm_attention(
                 lse = torch.logsumexp(logits, dim=-1)  # (Hq,)
                 w = torch.exp(logits - lse[:, None])
                 out[:, i] = (w[:, None, :n] @ v + w[:, None, n:] @ v)[:, 0]
-                edge = band & (i - j >= window - chunk) & (j >= init)
+                edge = band & (i - j >= window - max(1, chunk // 4)) & (j >= init)
                 p = torch.exp(s_near - lse[:, None]).masked_fill(~edge[None], 0.0)
                 scores += p.view(hkv, g, n).sum(1)
         return out[None].to(query.dtype).transpose(1, 2).contiguous(), None

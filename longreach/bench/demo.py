@@ -35,9 +35,15 @@ class DemoPlan:
 
 PLANS: dict[str, DemoPlan] = {
     "lab": DemoPlan(
-        methods=("vanilla", "yarn:factor=4", "self-extend:group=4,window=128", "lm-infinite"),
+        methods=(
+            "vanilla",
+            "yarn:factor=4",
+            "self-extend:group=4,window=128",
+            "lm-infinite",
+            "infllm",
+        ),
         tasks=("passkey", "perplexity:last=64"),
-        multiples=(1, 2, 4, 8),
+        multiples=(1, 2, 8, 32),
         depths=(0.1, 0.3, 0.5, 0.7, 0.9),
         samples=3,
     ),
