@@ -92,6 +92,9 @@ def train(
         "dd", help="dd (Dataset Decomposition) or concat (concat-and-chunk)."
     ),
     threads: int = typer.Option(0, help="torch CPU threads; 0 keeps torch's default."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite a model in --out that has no checkpoint of this run."
+    ),
 ) -> None:
     """Train the lab model (a small Llama at a 256-token context) with Dataset Decomposition."""
     from pathlib import Path
@@ -100,7 +103,12 @@ def train(
     from longreach.lab.train import TrainConfig
 
     cfg = TrainConfig(
-        out_dir=Path(out), steps=steps, seed=seed, pipeline=pipeline, threads=threads or None
+        out_dir=Path(out),
+        steps=steps,
+        seed=seed,
+        pipeline=pipeline,
+        threads=threads or None,
+        force=force,
     )
     run_with_progress(cfg, console=console)
 
