@@ -180,7 +180,9 @@ def bench(
     """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
     from longreach.bench import BenchConfig, parse_depths, parse_lengths
     from longreach.bench.render import bench_with_progress, set_threads, summary_table
+    from longreach.bench.summary import check_threshold
 
+    check_threshold(threshold)
     set_threads(threads)
 
     config = BenchConfig(

@@ -33,6 +33,7 @@ from longreach.bench.store import Cell, ResultStore
 from longreach.bench.summary import (
     DEFAULT_THRESHOLD,
     Series,
+    check_threshold,
     depth_grid,
     median,
     series_of,
@@ -125,8 +126,7 @@ def _img(writer_result: tuple[str, str], alt: str) -> str:
 
 def write_report(db: str | Path, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Report:
     """Render the report of every cell in ``db`` into the folder ``out``."""
-    if not 0 < threshold <= 1:
-        raise LongreachError(f"threshold {threshold} must lie in (0, 1].")
+    check_threshold(threshold)
     with ResultStore(db, create=False) as store:
         cells = store.cells(include_prompt=False)
         runs = store.runs()
