@@ -258,7 +258,10 @@ def tasks() -> None:
     for col in ("task", "parameters", "what it measures"):
         table.add_column(col)
     for name, cls in TASKS.items():
-        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        params = ", ".join(
+            f"{f.name}={'auto' if f.default is None else f.default}"
+            for f in dataclasses.fields(cls)
+        )
         table.add_row(name, params or "-", cls.summary)
     console.print(table)
     console.print("Local files: --task-file FILE.jsonl (LongBench or RULER format).")

@@ -207,6 +207,10 @@ class Task:
     def validate(self) -> None:
         """Raise a LongreachError for a parameter out of range."""
 
+    def for_model(self, trained_length: int | None) -> Task:
+        """This task with the defaults that depend on the model filled in (here: none)."""
+        return self
+
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -266,6 +270,10 @@ class Task:
 
 def _convert(raw: str, f: dataclasses.Field, task: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.endswith(" | None"):
+        if raw.strip().lower() in ("none", "auto"):
+            return None
+        kind = kind[: -len(" | None")]
     try:
         if kind == "int":
             return int(raw)
