@@ -349,6 +349,11 @@ class Extension:
         patch.undo()
 
     def __enter__(self) -> Extension:
+        if self._patch is None:
+            raise LongreachError(
+                f"this {self.method.name} extension was removed and changes nothing any more; "
+                "apply the method again with longreach.extend(model, ...)."
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
