@@ -302,7 +302,7 @@ def methods() -> None:
     console.print("auto: taken from the model (original_max: its trained length).")
 
 
-def run() -> None:  # pragma: no cover - entry point for `python -m longreach`
+def run() -> None:  # pragma: no cover - the console script is longreach.__main__:main
     app()
 
 
