@@ -23,6 +23,7 @@ import io
 import json
 import math
 import re
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -92,12 +93,29 @@ def _trained_line(ax, trained: int | None, lengths: list[int]) -> None:
 
 
 def _plain_log_ticks(axis) -> None:
-    """Tick labels like 0.3, 2, 40 instead of 3×10⁻¹ on a log axis."""
+    """Tick labels like 0.2, 5, 50 instead of 2×10⁻¹ on a log axis.
+
+    Over a range of 3× or more only the ticks at 1, 2 and 5 of a decade are labelled:
+    labelling every minor tick made 0.07, 0.08 and 0.09 overlap.
+    """
     from matplotlib.ticker import FuncFormatter
 
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    axis.set_major_formatter(plain)
-    axis.set_minor_formatter(plain)
+    def label(value: float, _: object) -> str:
+        if value <= 0:
+            return ""
+        lo, hi = sorted(axis.get_view_interval())
+        lead = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        if lo > 0 and hi / lo < 3 or lead in (1.0, 2.0, 5.0):
+            return f"{value:g}"
+        return ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the plot, where it cannot hide a point."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 class _Writer:
@@ -182,21 +200,7 @@ def _model_section(
     if acc_tasks:
         parts.append("<h3>Accuracy vs length</h3><div class='grid'>")
         for task in acc_tasks:
-            fig = _figure()
-            ax = fig.add_subplot()
-            for row in rows:
-                if row.task != task:
-                    continue
-                xs = list(row.by_length)
-                ax.plot(xs, [row.by_length[x][0] for x in xs], marker="o",
-                        color=colors[row.series], label=row.series.label(show_format))  # fmt: skip
-            ax.axhline(threshold, color="0.6", linestyle=":", linewidth=1)
-            _length_axis(ax, lengths)
-            _trained_line(ax, trained, lengths)
-            ax.set_ylim(-0.03, 1.05)
-            ax.set_ylabel("accuracy")
-            ax.set_title(task_name(task))
-            ax.legend(fontsize=8, loc="lower left")
+            fig = _accuracy_figure(rows, task, colors, show_format, lengths, trained, threshold)
             parts.append(
                 _img(
                     writer.save(fig, f"{slug}-accuracy-{_slug(task)}"),
@@ -247,6 +251,26 @@ def _model_section(
         )
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _accuracy_figure(rows, task, colors, show_format, lengths, trained, threshold):
+    """Mean accuracy vs length of every method on one task (the summary table's numbers)."""
+    fig = _figure(7.4, 4.0)
+    ax = fig.add_subplot()
+    for row in rows:
+        if row.task != task:
+            continue
+        xs = sorted(row.by_length)
+        ax.plot(xs, [row.by_length[x][0] for x in xs], marker="o",
+                color=colors[row.series], label=row.series.label(show_format))  # fmt: skip
+    ax.axhline(threshold, color="0.6", linestyle=":", linewidth=1)
+    _length_axis(ax, lengths)
+    _trained_line(ax, trained, lengths)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_ylabel("accuracy (mean)")
+    ax.set_title(task_name(task))
+    _legend_outside(ax)
+    return fig
 
 
 def _effective_table(rows, tasks: list[str], show_format: bool, threshold: float) -> str:
@@ -320,7 +344,7 @@ def _cost_figure(cells, series, colors, show_format, lengths, trained):
             groups[(series_of(cell), cell.length)].append(cell)
     if not groups:
         return None
-    fig = _figure(10, 3.8)
+    fig = _figure(11, 3.8)
     ax_time, ax_mem = fig.subplots(1, 2)
     mem_kinds = {c.mem_kind for c in cells if c.mem_kind}
     for s in series:
@@ -336,7 +360,7 @@ def _cost_figure(cells, series, colors, show_format, lengths, trained):
     for ax in (ax_time, ax_mem):
         _length_axis(ax, lengths)
         _trained_line(ax, trained, lengths)
-        ax.legend(fontsize=8)
+    _legend_outside(ax_mem)
     ax_time.set_yscale("log")
     _plain_log_ticks(ax_time.yaxis)
     ax_time.set_ylabel("prefill seconds (median)")
@@ -356,6 +380,10 @@ def _ppl_vs_accuracy(cells, series, show_format, lengths, trained, threshold):
         target = ppl if cell.metric == "perplexity" else acc
         target[(series_of(cell), cell.length)].append(cell.score)
     shown = [s for s in series if any(k[0] == s for k in ppl)]
+    # Means, as in the summary table, and one perplexity range for every panel: a flat line
+    # must look flat next to a steep one.
+    ppl_mean = {k: statistics.fmean(v) for k, v in ppl.items() if k[0] in shown}
+    lo, hi = min(ppl_mean.values()), max(ppl_mean.values())
     cols = min(len(shown), 3)
     rows = math.ceil(len(shown) / cols)
     fig = _figure(4.6 * cols, 3.6 * rows)
@@ -373,11 +401,12 @@ def _ppl_vs_accuracy(cells, series, show_format, lengths, trained, threshold):
         _trained_line(ax, trained, lengths)
         twin = ax.twinx()
         xs_ppl = sorted(n for (t, n) in ppl if t == s)
-        twin.plot(xs_ppl, [median(ppl[(s, n)]) for n in xs_ppl], marker="s",
+        twin.plot(xs_ppl, [ppl_mean[(s, n)] for n in xs_ppl], marker="s",
                   color="tab:red", label="perplexity")  # fmt: skip
         twin.set_yscale("log")
+        twin.set_ylim(lo / 1.15, hi * 1.15)
         _plain_log_ticks(twin.yaxis)
-        twin.set_ylabel("perplexity (median, log)", color="tab:red")
+        twin.set_ylabel("perplexity (mean, log)", color="tab:red")
         ax.set_title(s.label(show_format), fontsize=10)
     for j in range(len(shown), rows * cols):
         axes[j // cols][j % cols].set_visible(False)
@@ -485,9 +514,13 @@ _SCRIPT = """
     });
   }
   window.addEventListener('load',function(){
-    var imgs=document.images, ok=0;
-    for(var i=0;i<imgs.length;i++){ if(imgs[i].complete&&imgs[i].naturalWidth>0){ok++;} }
+    var imgs=document.images, ok=0, shrunk=0;
+    for(var i=0;i<imgs.length;i++){
+      if(imgs[i].complete&&imgs[i].naturalWidth>0){ok++;}
+      if(imgs[i].clientWidth<imgs[i].naturalWidth){shrunk++;}
+    }
     document.body.setAttribute('data-images-loaded', ok+'/'+imgs.length);
+    document.body.setAttribute('data-images-shrunk', String(shrunk));
   });
 })();
 """
