@@ -113,7 +113,7 @@ def train(
     run_with_progress(cfg, console=console)
 
 
-# ---- measure (issue 6): bench, report, export, tasks, demo
+# ---- measure: bench, report, export, tasks, demo
 
 
 @app.command()

@@ -178,7 +178,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---- attention (issue 3)
+# ---- attention
 
 
 def cpu_flash_attention() -> Any:
@@ -216,7 +216,7 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in _forward_parameters(type(model))
 
 
-# ---- measure (issue 6)
+# ---- measure
 
 
 def crop_cache(cache: Any, length: int) -> None:

@@ -255,7 +255,7 @@ def _forward(
 
 
 def _library_prefill() -> Callable[..., Any] | None:
-    """``longreach.prefill.prefill`` (chunked prefill, issue 3) when this build has it."""
+    """``longreach.prefill.prefill`` (chunked prefill) when this build has it."""
     try:
         from longreach.prefill import prefill
     except ImportError:
