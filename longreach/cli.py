@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from longreach import __version__
+from longreach import __version__, errors
 from longreach.errors import LongreachError
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
+            errors.INTERRUPTS_HANDLED = True
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 

@@ -8,7 +8,7 @@ import statistics
 import pytest
 from test_report import results_db  # noqa: F401
 
-from longreach.bench import report as rp
+from longreach.bench import figures as rp
 from longreach.bench.store import ResultStore
 from longreach.bench.summary import series_of, summarize
 
@@ -22,7 +22,7 @@ def cells(results_db):  # noqa: F811
 def _context(cells):
     series = list(dict.fromkeys(series_of(c) for c in cells))
     lengths = sorted({c.length for c in cells})
-    return series, rp._colors(series), lengths
+    return series, rp.colors(series), lengths
 
 
 def _points_inside(ax, box) -> list:
@@ -43,8 +43,8 @@ def _drawn(fig):
 def test_legends_cover_no_point(cells):
     series, colors, lengths = _context(cells)
     rows = summarize(cells)
-    figures = [rp._accuracy_figure(rows, cells[0].task, colors, False, lengths, 512, 0.85)]
-    figures.append(rp._cost_figure(cells, series, colors, False, lengths, 512))
+    figures = [rp.accuracy_figure(rows, cells[0].task, colors, False, lengths, 512, 0.85)]
+    figures.append(rp.cost_figure(cells, series, colors, False, lengths, 512))
     checked = 0
     for fig in figures:
         renderer = _drawn(fig)
@@ -71,21 +71,21 @@ def _overlaps(shown, renderer) -> list[tuple[str, str]]:
 
 
 def test_log_axis_labels_do_not_overlap():
-    fig = rp._figure()
+    fig = rp.figure()
     ax = fig.add_subplot()
     ax.plot([1, 2, 3, 4], [0.061, 0.2, 0.9, 2.4])  # 1.6 decades: minor ticks 0.07, 0.08, ...
     ax.set_yscale("log")
-    rp._plain_log_ticks(ax.yaxis)
+    rp.plain_log_ticks(ax.yaxis)
     renderer = _drawn(fig)
     labels = _shown(ax, ax.yaxis.get_majorticklabels() + ax.yaxis.get_minorticklabels())
     texts = sorted({t.get_text() for t in labels}, key=float)
     assert texts == ["0.1", "0.2", "0.5", "1", "2"], texts
     assert _overlaps(labels, renderer) == []
-    narrow = rp._figure()
+    narrow = rp.figure()
     ax2 = narrow.add_subplot()
     ax2.plot([1, 2], [58.0, 66.0])
     ax2.set_yscale("log")
-    rp._plain_log_ticks(ax2.yaxis)
+    rp.plain_log_ticks(ax2.yaxis)
     _drawn(narrow)
     shown = [t.get_text() for t in _shown(ax2, ax2.yaxis.get_minorticklabels())]
     assert "60" in shown, f"a narrow range still gets a label: {shown}"
@@ -93,7 +93,7 @@ def test_log_axis_labels_do_not_overlap():
 
 def test_perplexity_panels_share_one_axis_and_plot_the_table_means(cells):
     series, _, lengths = _context(cells)
-    fig = rp._ppl_vs_accuracy(cells, series, False, lengths, 512, 0.85)
+    fig = rp.ppl_vs_accuracy(cells, series, False, lengths, 512, 0.85)
     twins = [ax for ax in fig.axes if ax.get_ylabel().startswith("perplexity")]
     assert len(twins) == 2
     assert twins[0].get_ylim() == pytest.approx(twins[1].get_ylim())
