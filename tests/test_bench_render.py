@@ -72,6 +72,7 @@ def test_summary_at_80_columns_keeps_every_method_whole(tmp_path):
         if "perplexity" in line and "│" in line:
             assert line.rstrip("│ ").endswith("-"), f"effective column of a perplexity row: {line}"
     assert re.search(r"│ +512 │", text), "the effective length of the passkey rows"
+    assert "n=" not in text and "accuracy over 1 sample per cell" in text, text
 
 
 def test_progress_at_80_columns_keeps_count_and_eta(tmp_path, monkeypatch):
