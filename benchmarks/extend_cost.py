@@ -19,10 +19,10 @@ again with the same file skips what is already there, so an interrupted run lose
 the cell it was in. ``--table FILE.jsonl`` prints the tables of a file without measuring.
 
     python benchmarks/extend_cost.py --quick                 # 2k, 4k, random ids
-    python benchmarks/extend_cost.py --lengths 4k,16k,32k    # the issue's cost table (long)
+    python benchmarks/extend_cost.py --lengths 4k,16k,32k    # the README's cost table (long)
     python benchmarks/extend_cost.py --passkey --lengths 8k,16k,32k --out runs/extend.jsonl
 
-Targets (issue 4): self-extend, lm-infinite and streaming use <= 1.5x vanilla's peak
+Targets: self-extend, lm-infinite and streaming use <= 1.5x vanilla's peak
 memory at 32k; lm-infinite with a 4096 window is >= 2x faster than vanilla at 32k.
 """
 
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 # SmolLM2 was trained at 8192 tokens; factor 4 reaches 32k. The windowed methods use the
-# issue's settings: self-extend reaches (8192 - 1024) * 8 + 1024 = 58k positions.
+# settings of the README's cost table: self-extend reaches (8192 - 1024) * 8 + 1024 = 58k positions.
 METHODS = [
     "vanilla",
     "pi:factor=4",

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from longreach import __version__
+from longreach import __version__, errors
 from longreach.errors import LongreachError
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
+            errors.INTERRUPTS_HANDLED = True
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
@@ -92,6 +93,9 @@ def train(
         "dd", help="dd (Dataset Decomposition) or concat (concat-and-chunk)."
     ),
     threads: int = typer.Option(0, help="torch CPU threads; 0 keeps torch's default."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite a model in --out that has no checkpoint of this run."
+    ),
 ) -> None:
     """Train the lab model (a small Llama at a 256-token context) with Dataset Decomposition."""
     from pathlib import Path
@@ -100,12 +104,17 @@ def train(
     from longreach.lab.train import TrainConfig
 
     cfg = TrainConfig(
-        out_dir=Path(out), steps=steps, seed=seed, pipeline=pipeline, threads=threads or None
+        out_dir=Path(out),
+        steps=steps,
+        seed=seed,
+        pipeline=pipeline,
+        threads=threads or None,
+        force=force,
     )
     run_with_progress(cfg, console=console)
 
 
-# ---- measure (issue 6): bench, report, export, tasks, demo
+# ---- measure: bench, report, export, tasks, demo
 
 
 @app.command()
@@ -172,7 +181,9 @@ def bench(
     """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
     from longreach.bench import BenchConfig, parse_depths, parse_lengths
     from longreach.bench.render import bench_with_progress, set_threads, summary_table
+    from longreach.bench.summary import check_threshold
 
+    check_threshold(threshold)
     set_threads(threads)
 
     config = BenchConfig(
@@ -248,7 +259,10 @@ def tasks() -> None:
     for col in ("task", "parameters", "what it measures"):
         table.add_column(col)
     for name, cls in TASKS.items():
-        params = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        params = ", ".join(
+            f"{f.name}={'auto' if f.default is None else f.default}"
+            for f in dataclasses.fields(cls)
+        )
         table.add_row(name, params or "-", cls.summary)
     console.print(table)
     console.print("Local files: --task-file FILE.jsonl (LongBench or RULER format).")
@@ -289,7 +303,7 @@ def methods() -> None:
     console.print("auto: taken from the model (original_max: its trained length).")
 
 
-def run() -> None:  # pragma: no cover - entry point for `python -m longreach`
+def run() -> None:  # pragma: no cover - the console script is longreach.__main__:main
     app()
 
 

@@ -178,7 +178,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ---- attention (issue 3)
+# ---- attention
 
 
 def cpu_flash_attention() -> Any:
@@ -216,7 +216,38 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in _forward_parameters(type(model))
 
 
-# ---- measure (issue 6)
+# ---- methods: transformers' attention registries and caches
+
+
+def attn_implementation(model: torch.nn.Module) -> str:
+    """The name of the attention implementation ``model`` uses now (a private config field)."""
+    return model.config._attn_implementation
+
+
+def register_attention(
+    name: str, attention_fn: Any, mask_fn: Any | None, previous: str | None = None
+) -> None:
+    """Register ``attention_fn`` under ``name`` with ``AttentionInterface`` and a matching
+    ``AttentionMaskInterface`` entry: ``mask_fn``, or else the mask function of the
+    implementation ``previous`` (sdpa's when it has none), because a name missing from the
+    mask interface makes transformers silently drop padding masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if mask_fn is None:
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS.get(previous) or ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    AttentionInterface.register(name, attention_fn)
+    AttentionMaskInterface.register(name, mask_fn)
+
+
+def is_fresh_default_cache(cache: Any) -> bool:
+    """No cache, or an empty plain ``DynamicCache`` (what ``generate`` creates by default)."""
+    from transformers import DynamicCache
+
+    return cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+
+
+# ---- measure
 
 
 def crop_cache(cache: Any, length: int) -> None:

@@ -7,3 +7,7 @@ prints it without a stack trace.
 
 class LongreachError(Exception):
     """A user-facing error with a one-line message."""
+
+
+# Set when the CLI has reported a Ctrl-C; longreach.__main__ delivers a swallowed one again.
+INTERRUPTS_HANDLED = True

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from longreach.errors import LongreachError
 from longreach.methods import Extension, Method, build_method
 
 
@@ -26,4 +27,21 @@ def extend(model: torch.nn.Module, method: str | Method, **params: Any) -> Exten
     or a second method that changes what an active one changes (two position methods
     do not compose: remove the first).
     """
+    _check_is_model(model)
     return Extension(model, build_method(method, **params))
+
+
+def _check_is_model(model: Any) -> None:
+    if isinstance(model, torch.nn.Module):
+        return
+    kind = type(model).__name__
+    if hasattr(model, "convert_tokens_to_ids"):
+        raise LongreachError(
+            f"extend got a tokenizer ({kind}), not the model; pass the model: "
+            "model, tok = longreach.load(...); longreach.extend(model, ...)."
+        )
+    shown = repr(model) if isinstance(model, (str, int, float, type(None))) else kind
+    raise LongreachError(
+        f"extend needs a torch model (such as longreach.load returns), got {shown[:60]}; "
+        "load it first: model, tok = longreach.load('lab')."
+    )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-# --------------------------------------------------------------------------- attention (issue 3)
+# --------------------------------------------------------------------------- attention
 
 
 def region_map(regions: Sequence, q_len: int, kv_len: int, q_offset: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ def lambda_mask(length: int, sinks: int, window: int) -> torch.Tensor:
     return (j <= i) & ((i - j < window) | (j < sinks))
 
 
-# --------------------------------------------------------------------------- windowed methods (issue 4)
+# --------------------------------------------------------------------------- windowed methods
 #
 # Each factory returns a transformers attention function for one unpadded sequence run in
 # a single forward without a cache (positions 0..n-1). It undoes the model's rotation in

@@ -90,10 +90,11 @@ def test_run_stores_every_cell_and_resumes(tmp_path, lm):
         assert cell.model_fingerprint == first.model_fingerprint and cell.dtype == "float32"
     again = run_bench(config, model=model, tokenizer=tok)
     assert (again.total, again.skipped, again.computed) == (8, 8, 0)
+    assert again.run_id is None, "a rerun with nothing to compute records no run"
     bigger = run_bench(_config(tmp_path, samples=3), model=model, tokenizer=tok)
     assert (bigger.total, bigger.skipped, bigger.computed) == (12, 8, 4)
     with ResultStore(config.db) as store:
-        assert store.count() == 12 and len(store.runs()) == 3
+        assert store.count() == 12 and len(store.runs()) == 2
 
 
 def test_prompt_format_is_part_of_the_key(tmp_path, lm):

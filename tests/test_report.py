@@ -131,6 +131,7 @@ def test_report_renders_in_headless_chromium(results_db, tmp_path):
     common = [
         _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+        "--window-size=1280,2400",
     ]  # fmt: skip
     dom = subprocess.run(
         [*common, "--dump-dom", url], capture_output=True, text=True, timeout=180
@@ -139,10 +140,12 @@ def test_report_renders_in_headless_chromium(results_db, tmp_path):
     assert loaded, "the page's load script did not run"
     ok, total = int(loaded.group(1)), int(loaded.group(2))
     assert total == 4 and ok == total, f"only {ok} of {total} images loaded"
+    shrunk = re.search(r'data-images-shrunk="(\d+)"', dom)
+    assert shrunk and shrunk.group(1) == "0", "a figure is scaled down in a 1280-pixel window"
 
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [*common, "--window-size=1280,1600", f"--screenshot={shot}", url],
+        [*common, f"--screenshot={shot}", url],
         capture_output=True,
         timeout=180,
     )
@@ -152,3 +155,7 @@ def test_report_renders_in_headless_chromium(results_db, tmp_path):
     not_white = (pixels < 0.9).any(axis=-1).mean()
     assert not_white > 0.05, f"the page looks blank ({not_white:.1%} of pixels are not white)"
     assert pixels.std() > 0.1
+    # The charts are on the page: the methods' line colours, and the perplexity line's red.
+    for name, rgb in (("blue", (31, 119, 180)), ("orange", (255, 127, 14)), ("red", (214, 39, 40))):
+        close = (abs(pixels * 255 - rgb) < 12).all(axis=-1).sum()
+        assert close > 200, f"the screenshot shows almost no {name} ({close} pixels)"

@@ -259,7 +259,7 @@ def test_unknown_task_lists_known_ones():
 def test_bad_task_parameters():
     with pytest.raises(LongreachError, match="task 'multi-needle' has no parameter 'n'"):
         get_task("multi-needle:n=3")
-    with pytest.raises(LongreachError, match="k='x' is not a valid int"):
+    with pytest.raises(LongreachError, match="multi-needle: k must be a whole number, got 'x'"):
         get_task("multi-needle:k=x")
     with pytest.raises(LongreachError, match="k=0 is out of range"):
         get_task("multi-needle:k=0")

@@ -57,7 +57,9 @@ def parse_depths(text: str | list[str]) -> list[float]:
 
 
 def format_length(n: int) -> str:
-    """2048 -> '2k', 1536 -> '1.5k', 3000 -> '3000'."""
+    """2048 -> '2k', 1536 -> '1.5k', 3000 -> '3000', 2**20 -> '1m'."""
+    if n >= 1024 * 1024 and (n * 2) % (1024 * 1024) == 0:
+        return f"{n / (1024 * 1024):g}m"
     if n >= 1024 and (n * 2) % 1024 == 0:
         k = n / 1024
         return f"{k:g}k"
@@ -85,18 +87,26 @@ class BenchConfig:
     share_prefix: bool = True
 
     def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise LongreachError(problems[0] + ".")
+
+    def problems(self) -> list[str]:
+        """Every problem of the configuration itself, each a sentence without its full stop."""
+        out = []
         if self.samples < 1:
-            raise LongreachError(f"--samples {self.samples} must be at least 1.")
+            out.append(f"--samples {self.samples} must be at least 1")
         if not self.methods:
-            raise LongreachError("no method given; pass --method vanilla (repeatable).")
+            out.append("no method given; pass --method vanilla (repeatable)")
         if not self.tasks and not self.task_files:
-            raise LongreachError("no task given; pass --task passkey (repeatable) or --task-file.")
+            out.append("no task given; pass --task passkey (repeatable) or --task-file")
         if not self.lengths:
-            raise LongreachError("no lengths given; write e.g. --lengths 2k,8k.")
+            out.append("no lengths given; write e.g. --lengths 2k,8k")
         if any(d < 0 or d > 1 for d in self.depths):
-            raise LongreachError("depths must lie in [0, 1].")
+            out.append("depths must lie in [0, 1]")
         if self.chunk is not None and self.chunk < 1:
-            raise LongreachError(f"--chunk {self.chunk} must be a positive number of tokens.")
+            out.append(f"--chunk {self.chunk} must be a positive number of tokens")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

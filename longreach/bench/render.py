@@ -17,7 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from longreach.bench.grid import BenchConfig, format_length
 from longreach.bench.runner import BenchResult, ProgressEvent, result_cells, run_bench
@@ -28,15 +28,21 @@ def bench_with_progress(config: BenchConfig, console: Console, **kwargs: Any) ->
     """Run ``run_bench`` under a progress bar: cells done / total, current cell, ETA."""
     with Progress(
         SpinnerColumn(),
-        TextColumn("[bold]{task.description}", justify="left"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("cells"),
+        # The description gives way first on a narrow terminal; count and ETA never do.
+        TextColumn(
+            "[bold]{task.description}",
+            justify="left",
+            table_column=Column(ratio=1, min_width=10, no_wrap=True, overflow="ellipsis"),
+        ),
+        BarColumn(bar_width=16),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TextColumn("cells", table_column=Column(no_wrap=True)),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
+        TextColumn("ETA", table_column=Column(no_wrap=True)),
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        expand=True,
     ) as progress:
         bar = progress.add_task(f"loading {config.model}", total=None)
 
@@ -61,11 +67,11 @@ def bench_with_progress(config: BenchConfig, console: Console, **kwargs: Any) ->
         return run_bench(config, progress=on_event, **kwargs)
 
 
-def _score_text(value: float, n: int, metric: str, threshold: float) -> str:
+def _score_text(value: float, n: int, metric: str, threshold: float, show_n: bool = True) -> str:
     if metric == "perplexity":
         return f"{value:.1f}"
     color = "green" if value >= threshold else ("yellow" if value >= 0.5 else "red")
-    return f"[{color}]{value:.0%}[/] [dim]n={n}[/]"
+    return f"[{color}]{value:.0%}[/]" + (f" [dim]n={n}[/]" if show_n else "")
 
 
 def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> Table:
@@ -76,20 +82,29 @@ def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> 
     trained = result.trained_length
     title = f"{result.model} · trained length {trained if trained else '?'}"
     table = Table(title=title, title_justify="left")
-    table.add_column("method")
-    table.add_column("task")
+    # On a narrow terminal the method column wraps (folding long specs) rather than cutting
+    # them: two variants of one method must stay distinguishable. The numbers never wrap.
+    table.add_column("method", overflow="fold", min_width=8, ratio=1)
+    table.add_column("task", overflow="fold", min_width=10)
     for length in lengths:
         past = trained is not None and length > trained
-        table.add_column(format_length(length) + (" *" if past else ""), justify="right")
-    table.add_column(f"effective (≥{threshold:.0%})", justify="right")
+        table.add_column(
+            format_length(length) + (" *" if past else ""), justify="right", no_wrap=True
+        )
+    table.add_column(f"effective (≥{threshold:.0%})", justify="right", min_width=9)
     show_format = len({r.series.prompt_format for r in rows}) > 1
+    # One sample count for the whole table goes in the caption, not in every cell.
+    counts = {v[1] for r in rows if r.metric != "perplexity" for v in r.by_length.values()}
+    show_n = len(counts) > 1
     for row in rows:
         values = [
-            _score_text(*row.by_length[n], row.metric, threshold) if n in row.by_length else "–"
+            _score_text(*row.by_length[n], row.metric, threshold, show_n)
+            if n in row.by_length
+            else "–"
             for n in lengths
         ]
         if row.metric == "perplexity":
-            effective = "[dim]perplexity[/]"
+            effective = "-"  # an effective length is defined for accuracies only
         elif row.effective is None:
             effective = f"[red]< {format_length(min(row.by_length))}[/]"
         else:
@@ -99,8 +114,14 @@ def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> 
             row.task.split(":")[0] if not row.task.startswith("file:") else row.task.split(":")[1]
         )
         table.add_row(row.series.label(show_format), name, *values, effective)
+    notes = []
+    if len(counts) == 1:
+        n = counts.pop()
+        notes.append(f"accuracy over {n} sample{'' if n == 1 else 's'} per cell")
     if trained is not None and any(n > trained for n in lengths):
-        table.caption = "* past the model's trained length"
+        notes.append("* past the model's trained length")
+    if notes:
+        table.caption = " · ".join(notes)
     return table
 
 

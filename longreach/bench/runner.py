@@ -34,7 +34,7 @@ import torch
 from longreach import compat
 from longreach.bench.cost import PeakMemory, Timer
 from longreach.bench.grid import BenchConfig, format_length
-from longreach.bench.store import Cell, ResultStore, cell_key
+from longreach.bench.store import Cell, ResultStore, cell_key, stored_keys
 from longreach.errors import LongreachError
 from longreach.tasks import RAW, FileTask, PromptFormat, Sample, Task, get_task
 
@@ -222,7 +222,7 @@ ProgressFn = Callable[[ProgressEvent], None]
 @dataclass
 class BenchResult:
     db: Path
-    run_id: int
+    run_id: int | None  # None: every cell was already stored, no run was recorded
     model: str
     model_fingerprint: str
     trained_length: int | None
@@ -255,7 +255,7 @@ def _forward(
 
 
 def _library_prefill() -> Callable[..., Any] | None:
-    """``longreach.prefill.prefill`` (chunked prefill, issue 3) when this build has it."""
+    """``longreach.prefill.prefill`` (chunked prefill) when this build has it."""
     try:
         from longreach.prefill import prefill
     except ImportError:
@@ -470,11 +470,11 @@ def run_bench(
     ``model`` and ``tokenizer`` may be given (tests, notebooks); otherwise
     ``longreach.load(config.model)`` loads them. Bad input fails before the model loads.
     """
+    from longreach.bench import preflight
+
     started = time.perf_counter()
-    config.validate()
-    methods = list(dict.fromkeys(canonical_method(m) for m in config.methods))
-    tasks = load_tasks(config)
-    store = ResultStore(config.db)
+    methods, tasks = preflight.check_config(config)  # every input problem at once
+    store: ResultStore | None = None  # created only when there is a cell to store
     try:
         if model is None or tokenizer is None:
             from longreach.models import load
@@ -483,18 +483,20 @@ def run_bench(
         name = str(getattr(model, "longreach_source", None) or config.model)
         fingerprint = model_fingerprint(model, tokenizer)
         trained = model_trained_length(model)
+        tasks = preflight.fit_tasks(tasks, trained)
         plan = build_plan(config, methods, tasks, fingerprint)
-        done = store.done_keys()
+        done = stored_keys(config.db)
         todo = [c for c in plan if c.key not in done]
         skipped = len(plan) - len(todo)
         emit = progress or (lambda event: None)
         emit(ProgressEvent("plan", len(plan), skipped, skipped))
-        run_id = store.start_run(
-            name, fingerprint, dict(config.to_dict(), methods=methods), library_versions()
-        )
-        fmt = PromptFormat(tokenizer, chat=config.chat) if todo else None
-        if fmt is not None:
-            _preflight(todo, fmt)
+        run_id = None  # a rerun with nothing to compute writes nothing
+        fmt = preflight.check_cells(model, tokenizer, config, todo) if todo else None
+        if todo:
+            store = ResultStore(config.db)
+            run_id = store.start_run(
+                name, fingerprint, dict(config.to_dict(), methods=methods), library_versions()
+            )
         computed = 0
         for method, cells in _by_method(todo):
             with apply_method(model, method), torch.inference_mode():
@@ -515,19 +517,8 @@ def run_bench(
             keys=frozenset(c.key for c in plan),
         )
     finally:
-        store.close()
-
-
-def _preflight(cells: list[PlannedCell], fmt: PromptFormat) -> None:
-    """Generate each task's shortest and longest sample first, so that a length the task
-    cannot fit or the haystack cannot fill fails before hours of computing, not after."""
-    seen: set[tuple[str, int]] = set()
-    for cell in cells:
-        lengths = [c.length for c in cells if c.task_spec == cell.task_spec]
-        for length in (min(lengths), max(lengths)):
-            if (cell.task_spec, length) not in seen:
-                seen.add((cell.task_spec, length))
-                cell.task.generate(fmt, length, cell.depth, cell.seed, cell.idx)
+        if store is not None:
+            store.close()
 
 
 def _by_method(cells: list[PlannedCell]) -> Iterator[tuple[str, list[PlannedCell]]]:
@@ -545,7 +536,7 @@ def _run_method(
     cells: list[PlannedCell],
     config: BenchConfig,
     store: ResultStore,
-    run_id: int,
+    run_id: int | None,
     name: str,
     fingerprint: str,
     trained: int | None,

@@ -13,11 +13,12 @@ import csv
 import json
 import os
 import sqlite3
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from longreach.errors import LongreachError
 
@@ -166,7 +167,10 @@ class ResultStore:
                         f"{self.path} holds no results yet; run `longreach bench --db {self.path}` first."
                     )
                 self._create()
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError:
+                pass  # a database that cannot be written: reading works, writing says why
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA busy_timeout=30000")
         except BaseException:
@@ -183,9 +187,20 @@ class ResultStore:
                 raise LongreachError(
                     f"results database {self.path} does not exist; run `longreach bench --db {self.path}` first."
                 )
-            if not self.path.parent.exists():
+            _check_creatable(self.path)
+            try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise LongreachError(
+                    f"cannot create {self.path} ({exc.strerror or exc}); pass a --db path in a "
+                    "writable folder."
+                ) from None
             return
+        if not self.path.is_file():
+            raise LongreachError(
+                f"{self.path} is not a regular file (a device or a pipe?); pass a database file "
+                "path to --db."
+            )
         try:
             with open(self.path, "rb") as f:
                 head = f.read(len(_SQLITE_MAGIC))
@@ -252,18 +267,30 @@ class ResultStore:
             )
 
     class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
+        """One write transaction; a database that cannot be written fails with one line."""
+
+        def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+            self.conn, self.path = conn, path
 
         def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise _unwritable(self.path, exc) from None
             return self.conn
 
-        def __exit__(self, exc_type: Any, *_: Any) -> None:
-            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        def __exit__(self, exc_type: Any, exc: BaseException | None, *_: Any) -> bool:
+            try:
+                self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            except sqlite3.OperationalError as err:
+                if exc_type is None:
+                    raise _unwritable(self.path, err) from None
+            if isinstance(exc, sqlite3.OperationalError):
+                raise _unwritable(self.path, exc) from None
+            return False
 
     def _transaction(self) -> ResultStore._Tx:
-        return ResultStore._Tx(self.conn)
+        return ResultStore._Tx(self.conn, self.path)
 
     # ---- writing
 
@@ -331,26 +358,45 @@ class ResultStore:
     # ---- export
 
     def export(self, out: str | os.PathLike, include_prompt: bool = False) -> int:
-        """Write every cell to ``out`` as JSONL (``.jsonl``/``.json``) or CSV (``.csv``)."""
+        """Write every cell to ``out`` as JSONL (``.jsonl``/``.json``) or CSV (``.csv``).
+
+        The file is written next to ``out`` under a temporary name and renamed into place, so
+        an existing file is replaced only by a complete export; an ``out`` that is this
+        database (or its -wal/-shm/-journal file) is refused.
+        """
         out = Path(out).expanduser()
         suffix = out.suffix.lower()
+        if self._is_own_file(out):
+            raise LongreachError(
+                f"{out} is the results database itself (or one of its files); exporting onto it "
+                "would destroy it: pass another --out."
+            )
         if suffix not in (".jsonl", ".json", ".csv"):
             raise LongreachError(
                 f"cannot export to {out.name}: name the file .jsonl or .csv to choose the format."
             )
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            raise LongreachError(f"{out} is a folder; pass a file path ending in .jsonl or .csv.")
         cells = self.iter_cells(include_prompt)
-        if suffix == ".csv":
-            return _write_csv(out, cells, include_prompt)
-        n = 0
-        with open(out, "w", encoding="utf-8") as f:
-            for cell in cells:
-                record = asdict(cell)
-                if not include_prompt:
-                    record.pop("prompt")
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                n += 1
-        return n
+        return _write_atomically(
+            out,
+            lambda f: (
+                _write_csv(f, cells, include_prompt)
+                if suffix == ".csv"
+                else _write_jsonl(f, cells, include_prompt)
+            ),
+        )
+
+    def _is_own_file(self, out: Path) -> bool:
+        db = self.path.resolve()
+        own = [db] + [db.with_name(db.name + tail) for tail in ("-wal", "-shm", "-journal")]
+        target = out.resolve()
+        if target in own:
+            return True
+        try:
+            return out.exists() and os.path.samefile(out, db)
+        except OSError:
+            return False
 
     def close(self) -> None:
         self.conn.close()
@@ -362,18 +408,98 @@ class ResultStore:
         self.close()
 
 
-def _write_csv(out: Path, cells: Iterable[Cell], include_prompt: bool) -> int:
+def stored_keys(path: str | os.PathLike) -> set[str]:
+    """The cell keys stored at ``path``, checked as ``ResultStore`` checks it, creating nothing.
+
+    A path that does not exist yet (or an empty file) holds no keys; it must be creatable.
+    """
+    store = object.__new__(ResultStore)
+    store.path = Path(path).expanduser()
+    if not store.path.exists():
+        store._check_file(create=False) if store.path.is_dir() else _check_creatable(store.path)
+        return set()
+    store._check_file(create=False)
+    try:
+        store.conn = sqlite3.connect(str(store.path), timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LongreachError(f"cannot open results database {store.path}: {exc}.") from None
+    try:
+        return set() if store._validate() else store.done_keys()
+    finally:
+        store.conn.close()
+
+
+def _check_creatable(path: Path) -> None:
+    """Refuse early a new database path whose nearest existing folder cannot take it."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LongreachError(
+            f"cannot create {path}: {ancestor} is a file, not a folder; pass another --db path."
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LongreachError(
+            f"cannot create {path}: the folder {ancestor} is not writable; pass another --db path."
+        )
+
+
+def _unwritable(path: Path, exc: sqlite3.Error) -> LongreachError:
+    return LongreachError(
+        f"results database {path} cannot be written ({exc}); check the file's and its folder's "
+        "permissions, or pass another --db."
+    )
+
+
+def _write_atomically(out: Path, write: Callable[[TextIO], int]) -> int:
+    """``write(file)`` into a temporary file next to ``out``, then rename it onto ``out``."""
+    where = f"cannot write {out}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise LongreachError(
+            f"{where} ({exc.strerror or exc}); pass an --out path in a writable folder."
+        ) from None
+    tmp = Path(tmp_name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is an ordinary file
+        with open(fd, "w", encoding="utf-8", newline="") as f:
+            n = write(f)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise LongreachError(
+            f"{where} ({exc.strerror or exc}); check its permissions or pass another --out."
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def _write_jsonl(f: TextIO, cells: Iterable[Cell], include_prompt: bool) -> int:
+    n = 0
+    for cell in cells:
+        record = asdict(cell)
+        if not include_prompt:
+            record.pop("prompt")
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def _write_csv(f: TextIO, cells: Iterable[Cell], include_prompt: bool) -> int:
     columns = [
         c for c in ("run_id", "created_at", *_CELL_COLUMNS) if include_prompt or c != "prompt"
     ]
     n = 0
-    with open(out, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for cell in cells:
-            record = asdict(cell)
-            record["expected"] = json.dumps(record["expected"], ensure_ascii=False)
-            record["meta"] = json.dumps(record["meta"], ensure_ascii=False, sort_keys=True)
-            writer.writerow(["" if record[c] is None else record[c] for c in columns])
-            n += 1
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for cell in cells:
+        record = asdict(cell)
+        record["expected"] = json.dumps(record["expected"], ensure_ascii=False)
+        record["meta"] = json.dumps(record["meta"], ensure_ascii=False, sort_keys=True)
+        writer.writerow(["" if record[c] is None else record[c] for c in columns])
+        n += 1
     return n

@@ -14,8 +14,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from longreach.bench.store import Cell
+from longreach.errors import LongreachError
 
 DEFAULT_THRESHOLD = 0.85
+
+
+def check_threshold(threshold: float) -> None:
+    """An accuracy threshold is a fraction in (0, 1]; raise a one-line error otherwise."""
+    if not 0 < threshold <= 1:
+        raise LongreachError(
+            f"threshold {threshold:g} must lie in (0, 1]: it is a fraction of correct answers, "
+            "e.g. 0.85."
+        )
 
 
 @dataclass(frozen=True)

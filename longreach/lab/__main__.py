@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.copy_warmup_steps,
         help="first steps on random-token copy sequences only (forms induction heads)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite a model in --out that has no checkpoint of this run",
+    )
     args = vars(parser.parse_args(argv))
     args["out_dir"] = args.pop("out")
 

@@ -69,6 +69,7 @@ class TrainConfig:
     max_text_docs: int | None = None  # for tests: use only the first n documents
     init_from: str | None = None  # continue from this model directory (its tokenizer too)
     threads: int | None = None
+    force: bool = False  # overwrite a model in out_dir that this run's checkpoint did not make
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -369,10 +370,16 @@ def train(
     stops training, and the next call resumes from the last checkpoint.
     """
     status = on_status or (lambda msg: log.info(msg))
+    check_out_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     work = _work_dir(cfg)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LongreachError(
+            f"cannot create {work} ({exc.strerror or exc}); pass an --out folder that can be written."
+        ) from None
     state_path = work / STATE_FILE
 
     if data is None:
@@ -475,9 +482,32 @@ def train(
     return TrainResult(cfg.out_dir, cfg.steps, tokens, seconds, final_val, history)
 
 
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse an ``out_dir`` that is a file, or that holds a model this run did not make.
+
+    A folder with a model but no ``work/`` checkpoint (the shipped checkpoint, a copy of
+    it, a run whose ``work/`` was deleted) would be overwritten without a way back; only
+    ``force`` allows it. A folder with a checkpoint resumes.
+    """
+    out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise LongreachError(f"--out {out} is a file; pass a folder for the trained model.")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise LongreachError(f"--out {out} lies under the file {parent}; pass another folder.")
+    has_model = (out / "model.safetensors").exists()
+    if has_model and not (_work_dir(cfg) / STATE_FILE).exists() and not cfg.force:
+        raise LongreachError(
+            f"{out} already holds a trained model and no checkpoint of this run (work/{STATE_FILE}); "
+            "training would overwrite it: pass another --out, or --force to replace it."
+        )
+
+
 def _config_key(cfg: TrainConfig) -> dict:
     key = asdict(cfg)
-    for volatile in ("out_dir", "checkpoint_every", "eval_every", "threads", "probe_samples"):
+    for volatile in (
+        "out_dir", "checkpoint_every", "eval_every", "threads", "probe_samples", "force",
+    ):  # fmt: skip
         key.pop(volatile)
     return key
 

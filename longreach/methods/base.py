@@ -18,8 +18,6 @@ The three kinds of change a method may need, all through public extension points
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 import weakref
 from collections.abc import Callable
@@ -28,6 +26,9 @@ from typing import Any, ClassVar
 import torch
 
 from longreach.errors import LongreachError
+from longreach.params import coerce as _coerce  # one conversion for methods and tasks
+from longreach.params import field_help as _field_help
+from longreach.params import param  # noqa: F401 - re-exported: the methods' field helper
 
 # Resources a method may change; two active methods on one model must not share one.
 ROPE = "rope"
@@ -39,80 +40,6 @@ _RESOURCE_WORDS = {
     ATTENTION: "the attention function",
     CACHE: "the KV cache",
 }
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-_TRUE = ("true", "yes", "1")
-_FALSE = ("false", "no", "0")
-
-
-def param(default: Any, help: str) -> Any:
-    """A method parameter: its default and the one-line help that ``longreach methods`` shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def _field_help(field: dataclasses.Field) -> str:
-    return str(field.metadata.get("help", ""))
-
-
-def _coerce(method: str, name: str, value: Any, annotation: Any) -> Any:
-    """Turn ``value`` (a Python value or a string from a spec) into the field's type."""
-    args = typing.get_args(annotation)
-    origin = typing.get_origin(annotation)
-    optional = (origin is typing.Union or origin is types.UnionType) and type(None) in args
-    if optional:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "auto")):
-            return None
-        annotation = next(a for a in args if a is not type(None))
-        origin = typing.get_origin(annotation)
-        args = typing.get_args(annotation)
-    if origin is typing.Literal:
-        text = str(value).strip().lower() if isinstance(value, str) else value
-        if text not in args:
-            choices = ", ".join(str(a) for a in args)
-            raise LongreachError(f"{method}: {name} must be one of {choices}, got {value!r}.")
-        return text
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = value.strip().lower() if isinstance(value, str) else None
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
-        raise LongreachError(f"{method}: {name} must be true or false, got {value!r}.")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise LongreachError(f"{method}: {name} must be a whole number, got {value!r}.")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise LongreachError(f"{method}: {name} must be a whole number, got {value!r}.")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise LongreachError(f"{method}: {name} must be a number, got {value!r}.")
-        number = None
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                pass
-        if number is None:
-            raise LongreachError(f"{method}: {name} must be a number, got {value!r}.")
-        if not math.isfinite(number):
-            raise LongreachError(f"{method}: {name} must be a finite number, got {value!r}.")
-        return number
-    if annotation is str:
-        return str(value)
-    return value
 
 
 @dataclasses.dataclass
@@ -240,16 +167,10 @@ class Patch:
         function of the implementation the model used before is registered, because a
         name missing from that interface makes transformers silently drop padding masks.
         """
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from longreach import compat
 
-        previous = model.config._attn_implementation
-        if mask_fn is None:
-            mask_fn = (
-                ALL_MASK_ATTENTION_FUNCTIONS.get(previous) or ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-            )
-        AttentionInterface.register(name, attention_fn)
-        AttentionMaskInterface.register(name, mask_fn)
+        previous = compat.attn_implementation(model)
+        compat.register_attention(name, attention_fn, mask_fn, previous)
         model.set_attn_implementation(name)
         self._undo.append(lambda: model.set_attn_implementation(previous))
 
@@ -261,8 +182,6 @@ class Patch:
         one a caller made). Any other cache is the caller's and is kept. The model
         returns the cache it used, so ``generate`` keeps the policy cache afterwards.
         """
-        from transformers import DynamicCache
-
         from longreach import compat
 
         key = compat.cache_kwarg(model)
@@ -273,9 +192,7 @@ class Patch:
                 use_cache = getattr(getattr(module, "config", None), "use_cache", True)
             if not use_cache:
                 return None
-            cache = kwargs.get(key)
-            fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
-            if not fresh:
+            if not compat.is_fresh_default_cache(kwargs.get(key)):
                 return None
             kwargs[key] = factory()
             return args, kwargs
@@ -349,6 +266,11 @@ class Extension:
         patch.undo()
 
     def __enter__(self) -> Extension:
+        if self._patch is None:
+            raise LongreachError(
+                f"this {self.method.name} extension was removed and changes nothing any more; "
+                "apply the method again with longreach.extend(model, ...)."
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,7 +29,7 @@ class PositionInterpolation(RopeMethod):
     Every position m becomes m/s, so an input of s·L tokens uses only the positions
     0..L the model was trained on, at s times finer spacing. The paper fine-tunes
     briefly after interpolating; without that, the squeezed spacing damages the model
-    at every length (SmolLM2-135M: perplexity 25 -> ~170 at 2k, METHODS.md), which the
+    at every length (SmolLM2-135M: perplexity 25 -> ~170 at 2k), which the
     reports must show. Equals transformers' ``linear`` rope type.
 
     Parameters:

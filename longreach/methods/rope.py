@@ -1,6 +1,6 @@
 """Shared plumbing of the methods that change RoPE frequencies.
 
-Notation (METHODS.md): rotary dimension d, base b, inverse frequencies
+Notation (docs/methods.md): rotary dimension d, base b, inverse frequencies
 θ_i = b^(-2i/d) for i in [0, d/2), trained length L, factor s.
 
 Every RoPE method's math is a pure function ``(head_dim, base, ...) -> (inv_freq,

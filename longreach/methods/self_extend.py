@@ -42,6 +42,9 @@ class SelfExtendLayout(WindowedLayout):
         return (PositionSet(q, k),)
 
 
+DEFAULT_WINDOW = 1024
+
+
 @register
 @dataclasses.dataclass
 class SelfExtend(WindowedMethod):
@@ -63,7 +66,8 @@ class SelfExtend(WindowedMethod):
 
     Parameters:
         group: G, the group size (default 8): far positions are floor-divided by G.
-        window: W, the neighbour window in tokens (default 1024); at most the trained length.
+        window: W, the neighbour window in tokens (default 1024, or half the trained length
+            when that is shorter); at most the trained length.
         original_max: L, the trained length (default: the model's own); only checked
             against ``window``.
     """
@@ -76,32 +80,41 @@ class SelfExtend(WindowedMethod):
     summary: ClassVar[str] = "normal positions within W, floor(p/G) positions beyond"
 
     group: int = param(8, "G: positions beyond the window are floor-divided by G")
-    window: int = param(1024, "W: neighbour window (tokens) with normal positions; <= original_max")
+    window: int | None = param(
+        None, "W: neighbour window (tokens) with normal positions (default: 1024, <= L/2)"
+    )
     original_max: int | None = param(None, "L, the trained length (default: the model's)")
 
     def validate(self) -> None:
         if self.group < 1:
             self.fail(f"group must be >= 1 (got {self.group}); 1 leaves the model unchanged.")
-        if self.window <= 0:
+        if self.window is not None and self.window <= 0:
             self.fail(f"window must be > 0 tokens (got {self.window}).")
         if self.original_max is not None and self.original_max < 1:
             self.fail(
                 f"original_max must be a positive number of tokens (got {self.original_max})."
             )
-        if self.original_max is not None and self.window > self.original_max:
-            self._window_too_large(self.original_max)
+        if self.original_max is not None and self.window is not None:
+            if self.window > self.original_max:
+                self._window_too_large(self.window, self.original_max)
 
-    def _window_too_large(self, length: int) -> None:
+    def window_for(self, model: torch.nn.Module) -> int:
+        """W: the given window, else 1024 tokens or half the trained length if that is shorter."""
+        if self.window is not None:
+            return self.window
+        return max(1, min(DEFAULT_WINDOW, self.trained_length(model) // 2))
+
+    def _window_too_large(self, window: int, length: int) -> None:
         self.fail(
-            f"window ({self.window}) must not exceed the trained length {length}: neighbour "
+            f"window ({window}) must not exceed the trained length {length}: neighbour "
             "positions would leave the trained range."
         )
 
     def check_model(self, model: torch.nn.Module) -> None:
         super().check_model(model)
         length = self.trained_length(model)
-        if self.window > length:
-            self._window_too_large(length)
+        if self.window_for(model) > length:
+            self._window_too_large(self.window_for(model), length)
 
     def layout(self, model: torch.nn.Module, rotary: torch.nn.Module) -> SelfExtendLayout:
-        return SelfExtendLayout(rotary=rotary, window=self.window, group=self.group)
+        return SelfExtendLayout(rotary=rotary, window=self.window_for(model), group=self.group)

@@ -27,9 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from longreach.errors import LongreachError
+
 log = logging.getLogger(__name__)
 
 STAMP = "longreach.json"
+# GGUF pre-tokenizer names whose split is single digits, then GPT-2's byte-level regex.
+_SPLIT_DIGITS_THEN_GPT2 = ("smollm", "starcoder")
 FORMAT_VERSION = 1
 
 # GGUF tensor name (per block) -> Hugging Face Llama parameter name.
@@ -185,15 +189,19 @@ def _write_tokenizer(reader: Any, config: dict[str, Any], out_dir: Path) -> None
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     vocab = {t: i for i, t in enumerate(tokens)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if _field(reader, "tokenizer.ggml.pre") in (
-        "smollm",
-        "starcoder",
-        "qwen2",
-        "llama3",
-        "deepseek-llm",
-    ):
-        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    kind = _field(reader, "tokenizer.ggml.pre")
+    if kind not in _SPLIT_DIGITS_THEN_GPT2:
+        # llama3, qwen2, deepseek and the rest split text with their own regular expressions;
+        # the recipe below would give other token boundaries than the model was trained on.
+        raise LongreachError(
+            f"this GGUF's tokenizer uses the {kind!r} pre-tokenizer, which longreach cannot "
+            f"rebuild (it rebuilds {', '.join(_SPLIT_DIGITS_THEN_GPT2)}); convert the model to a "
+            "Hugging Face directory and pass that directory instead."
+        )
+    pre = [
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]
     tk.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tk.decoder = decoders.ByteLevel()
     specials = [tokens[i] for i, kind in enumerate(types) if kind == 3]  # 3 = CONTROL

@@ -116,7 +116,8 @@ def load(
         attn_implementation: the transformers attention backend to start from.
 
     Returns:
-        ``(model, tokenizer)`` with the model in eval mode.
+        ``(model, tokenizer)`` with the model in eval mode and the tokenizer padding on the
+        left, as batched generation needs.
     """
     compat.check_versions()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, whatever the caller passes
@@ -153,6 +154,9 @@ def load(
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    # A causal LM continues the last token of each row, so a batch is padded on the left;
+    # right padding makes `generate` continue the pad tokens of the shorter rows.
+    tokenizer.padding_side = "left"
     if getattr(model, "generation_config", None) is not None:
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from longreach.errors import LongreachError
+from longreach.params import coerce
 from longreach.tasks.haystack import HaystackTooShort
 
 RAW, CHAT = "raw", "chat"
@@ -158,10 +160,6 @@ def fit_to_length(
     return best
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
 def parse_params(text: str, what: str) -> dict[str, str]:
     """``"k=4,haystack=pg"`` -> ``{"k": "4", "haystack": "pg"}``."""
     params: dict[str, str] = {}
@@ -173,6 +171,8 @@ def parse_params(text: str, what: str) -> dict[str, str]:
                 f"bad parameter {item.strip()!r} in {what}; write name=value pairs separated by commas."
             )
         key, value = item.split("=", 1)
+        if key.strip() in params:
+            raise LongreachError(f"{what} sets {key.strip()!r} twice.")
         params[key.strip()] = value.strip()
     return params
 
@@ -190,6 +190,7 @@ class Task:
     @classmethod
     def from_params(cls, params: dict[str, str], default_haystack: str | None = None) -> Task:
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, raw in params.items():
             if key not in fields:
@@ -197,7 +198,7 @@ class Task:
                 raise LongreachError(
                     f"task {cls.name!r} has no parameter {key!r}; its parameters: {known}."
                 )
-            kwargs[key] = _convert(raw, fields[key], cls.name)
+            kwargs[key] = coerce(cls.name, key, raw, hints[key])
         if "haystack" in fields and "haystack" not in kwargs:
             kwargs["haystack"] = default_haystack or cls.default_haystack
         task = cls(**kwargs)
@@ -206,6 +207,10 @@ class Task:
 
     def validate(self) -> None:
         """Raise a LongreachError for a parameter out of range."""
+
+    def for_model(self, trained_length: int | None) -> Task:
+        """This task with the defaults that depend on the model filled in (here: none)."""
+        return self
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -262,25 +267,6 @@ class Task:
             metric=self.metric,
             meta=meta,
         )
-
-
-def _convert(raw: str, f: dataclasses.Field, task: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "bool":
-            low = raw.lower()
-            if low in _TRUE | _FALSE:
-                return low in _TRUE
-            raise ValueError(raw)
-    except ValueError:
-        raise LongreachError(
-            f"task {task!r} parameter {f.name}={raw!r} is not a valid {kind}."
-        ) from None
-    return raw
 
 
 def _format(value: Any) -> str:

@@ -76,11 +76,30 @@ def _read_folder(folder: Path) -> list[str]:
 
 def _read_file(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
         raise LongreachError(
             f"cannot read haystack file {path} ({exc.strerror or exc}); check the path and its permissions."
         ) from None
+    text = raw.decode("utf-8", errors="replace")
+    # Binary data decodes to NULs and U+FFFD soup; a model reading that measures nothing.
+    bad = text.count("\ufffd") + text.count("\x00")
+    if bad > max(8, len(text) // 100):
+        raise LongreachError(
+            f"haystack file {path} is not UTF-8 text ({bad} of {len(text)} characters are NUL "
+            "or undecodable bytes); pass a text file or folder."
+        )
+    return text
+
+
+def _check_has_text(spec: str, docs: list[str]) -> list[str]:
+    texts = [d.strip() for d in docs if d.strip()]
+    if not texts:
+        raise LongreachError(
+            f"haystack {spec!r} holds no text (its files are empty or whitespace only); pass a "
+            "file or folder with text, or --haystack synthetic."
+        )
+    return texts
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ def resolve_haystack(spec: str) -> HaystackSource:
         spec = "pg"
     source = HaystackSource(spec if spec in SOURCES else str(Path(spec).expanduser().resolve()))
     if spec not in SOURCES:
-        source.documents()  # fail now, with the path in the message
+        _check_has_text(spec, source.documents())  # fail now, with the path in the message
     return source
 
 
@@ -158,7 +177,7 @@ class TokenizedHaystack:
         if source.synthetic:
             self._set_text(SYNTHETIC_FILLER * 64, [0])
         else:
-            docs = [d.strip() for d in source.documents() if d.strip()]
+            docs = _check_has_text(source.spec, source.documents())
             starts, pos = [], 0
             for doc in docs:
                 starts.append(pos)

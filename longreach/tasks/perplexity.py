@@ -10,6 +10,7 @@ both for each method.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import ClassVar
@@ -18,12 +19,14 @@ from longreach.errors import LongreachError
 from longreach.tasks.base import RAW, PromptFormat, Sample, Task
 from longreach.tasks.haystack import HaystackTooShort, resolve_haystack, tokenized_haystack
 
+DEFAULT_LAST = 256
+
 
 @dataclass
 class Perplexity(Task):
     """Perplexity of the last ``last`` tokens of ``length`` tokens of ``haystack`` text."""
 
-    last: int = 256
+    last: int | None = None  # None: 256, at most a quarter of the trained length
     haystack: str = "pg"
 
     name: ClassVar[str] = "perplexity"
@@ -33,17 +36,29 @@ class Perplexity(Task):
     metric: ClassVar[str] = "perplexity"
 
     def validate(self) -> None:
-        if self.last < 1:
+        if self.last is not None and self.last < 1:
             raise LongreachError(f"perplexity last={self.last} must be at least 1 token.")
+
+    def for_model(self, trained_length: int | None) -> Perplexity:
+        """``last`` defaults to 256 tokens, or a quarter of a shorter trained length, so that
+        the trained length itself has context before the scored tokens."""
+        if self.last is not None:
+            return self
+        last = DEFAULT_LAST if not trained_length else min(DEFAULT_LAST, trained_length // 4)
+        return dataclasses.replace(self, last=max(1, last))
+
+    @property
+    def scored(self) -> int:
+        return self.last if self.last is not None else DEFAULT_LAST
 
     def generate(
         self, fmt: PromptFormat, length: int, depth: float | None, seed: int, index: int
     ) -> Sample:
         prefix = fmt.special_prefix()
         body = length - len(prefix)
-        if body <= self.last:
+        if body <= self.scored:
             raise LongreachError(
-                f"length {length} is too short for perplexity with last={self.last}: the scored "
+                f"length {length} is too short for perplexity with last={self.scored}: the scored "
                 "tokens need some context before them; ask for a longer length or a smaller last."
             )
         hay = tokenized_haystack(resolve_haystack(self.haystack), fmt.tokenizer)
@@ -68,7 +83,7 @@ class Perplexity(Task):
             expected=[],
             max_new_tokens=0,
             metric=self.metric,
-            meta={"scored_tokens": self.last, "end_token": end, "context_chars": len(text)},
+            meta={"scored_tokens": self.scored, "end_token": end, "context_chars": len(text)},
         )
 
     def score(self, sample: Sample, output: str) -> float:

@@ -30,6 +30,28 @@ LONGBENCH_QA = {
 }  # fmt: skip
 
 
+def _check_row(row: dict[str, Any], where: str) -> None:
+    """Refuse rows that would run but measure nothing: no text where text belongs, no answer."""
+    for name in ("input", "context", "answer_prefix"):
+        if name in row and not isinstance(row[name], str):
+            raise LongreachError(
+                f"{where}: {name!r} is {json.dumps(row[name])[:40]}, not a string; write the text "
+                "as a JSON string."
+            )
+    key = "answers" if "answers" in row else "outputs"
+    answers = row[key]
+    values = answers if isinstance(answers, list) else [answers]
+    if not values or any(
+        not isinstance(a, (str, int, float)) or isinstance(a, bool) for a in values
+    ):
+        raise LongreachError(
+            f"{where}: {key!r} must be a non-empty list of strings (got "
+            f"{json.dumps(answers)[:40]}); a row without an answer is always scored 0."
+        )
+    if not any(str(a).strip() for a in values):
+        raise LongreachError(f"{where}: every entry of {key!r} is empty; give the expected answer.")
+
+
 @dataclass
 class FileTask(Task):
     """The rows of one jsonl file; the sample index is the row number."""
@@ -72,6 +94,7 @@ class FileTask(Task):
                     f"task file {p} line {number} is neither LongBench (context, input, answers) "
                     "nor RULER (input, outputs) format."
                 )
+            _check_row(row, f"task file {p} line {number}")
             rows.append(row)
         if not rows:
             raise LongreachError(f"task file {p} has no rows.")

@@ -1,0 +1,206 @@
+"""The report's figures: matplotlib's object API (no pyplot global state), so a report can be
+made inside any program. Every score is a mean, as in the summary table; legends sit outside
+the plots, and log axes label only 1, 2 and 5 of each decade.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+
+from longreach.bench.grid import format_length
+from longreach.bench.store import Cell
+from longreach.bench.summary import Series, median, series_of, task_name
+
+
+def figure(width: float = 6.4, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def colors(series: list[Series]) -> dict[Series, str]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {s: cmap(i % 10) for i, s in enumerate(series)}
+
+
+def length_axis(ax, lengths: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([format_length(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens)")
+
+
+def trained_line(ax, trained: int | None, lengths: list[int]) -> None:
+    if trained and lengths:
+        ax.axvline(trained, color="0.3", linestyle="--", linewidth=1)
+        ax.text(trained, 1.0, " trained length", transform=ax.get_xaxis_transform(),
+                va="top", ha="left", fontsize=8, color="0.3")  # fmt: skip
+        lo, hi = min(lengths + [trained]), max(lengths + [trained])
+        ax.set_xlim(lo / 1.3, hi * 1.3)
+        if trained not in lengths:
+            ticks = sorted(lengths + [trained])
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([format_length(n) for n in ticks])
+
+
+def plain_log_ticks(axis) -> None:
+    """Tick labels like 0.2, 5, 50 instead of 2×10⁻¹ on a log axis.
+
+    Over a range of 3× or more only the ticks at 1, 2 and 5 of a decade are labelled:
+    labelling every minor tick made 0.07, 0.08 and 0.09 overlap.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _: object) -> str:
+        if value <= 0:
+            return ""
+        lo, hi = sorted(axis.get_view_interval())
+        lead = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+        if lo > 0 and hi / lo < 3 or lead in (1.0, 2.0, 5.0):
+            return f"{value:g}"
+        return ""
+
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(FuncFormatter(label))
+
+
+def legend_outside(ax) -> None:
+    """The legend right of the plot, where it cannot hide a point."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def accuracy_figure(rows, task, colors, show_format, lengths, trained, threshold):
+    """Mean accuracy vs length of every method on one task (the summary table's numbers)."""
+    fig = figure(7.4, 4.0)
+    ax = fig.add_subplot()
+    for row in rows:
+        if row.task != task:
+            continue
+        xs = sorted(row.by_length)
+        ax.plot(xs, [row.by_length[x][0] for x in xs], marker="o",
+                color=colors[row.series], label=row.series.label(show_format))  # fmt: skip
+    ax.axhline(threshold, color="0.6", linestyle=":", linewidth=1)
+    length_axis(ax, lengths)
+    trained_line(ax, trained, lengths)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_ylabel("accuracy (mean)")
+    ax.set_title(task_name(task))
+    legend_outside(ax)
+    return fig
+
+
+def heatmaps(task: str, task_series: list[Series], grids, show_format: bool):
+    n = len(task_series)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = figure(4.2 * cols + 0.8, 3.4 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    image = None
+    for i, s in enumerate(task_series):
+        ax = axes[i // cols][i % cols]
+        grid = grids[(s, task)]
+        depths = sorted({d for d, _ in grid})
+        lengths = sorted({n for _, n in grid})
+        matrix = [[grid.get((d, n), float("nan")) for n in lengths] for d in depths]
+        image = ax.imshow(matrix, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)))
+        ax.set_xticklabels([format_length(n) for n in lengths])
+        ax.set_yticks(range(len(depths)))
+        ax.set_yticklabels([f"{d:.0%}" for d in depths])
+        ax.set_xlabel("length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(s.label(show_format), fontsize=10)
+        for r, row in enumerate(matrix):
+            for c, value in enumerate(row):
+                if not math.isnan(value):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="score")
+    fig.suptitle(task_name(task))
+    return fig
+
+
+def cost_figure(cells, series, colors, show_format, lengths, trained):
+    groups: dict[tuple[Series, int], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if cell.shared_prefix_tokens == 0 and cell.prefill_s is not None:
+            groups[(series_of(cell), cell.length)].append(cell)
+    if not groups:
+        return None
+    fig = figure(11, 3.8)
+    ax_time, ax_mem = fig.subplots(1, 2)
+    mem_kinds = {c.mem_kind for c in cells if c.mem_kind}
+    for s in series:
+        xs = sorted(n for (t, n) in groups if t == s)
+        if not xs:
+            continue
+        label = s.label(show_format)
+        ax_time.plot(xs, [median(c.prefill_s for c in groups[(s, n)]) for n in xs],
+                     marker="o", color=colors[s], label=label)  # fmt: skip
+        mem = [median(c.peak_mem_bytes for c in groups[(s, n)]) for n in xs]
+        ax_mem.plot(xs, [m / 2**20 if m is not None else float("nan") for m in mem],
+                    marker="o", color=colors[s], label=label)  # fmt: skip
+    for ax in (ax_time, ax_mem):
+        length_axis(ax, lengths)
+        trained_line(ax, trained, lengths)
+    legend_outside(ax_mem)
+    ax_time.set_yscale("log")
+    plain_log_ticks(ax_time.yaxis)
+    ax_time.set_ylabel("prefill seconds (median)")
+    ax_time.set_title("prefill time")
+    kind = ", ".join(sorted(mem_kinds)) or "peak memory"
+    ax_mem.set_ylabel(f"peak memory, MiB ({kind})")
+    ax_mem.set_title("peak memory")
+    return fig
+
+
+def ppl_vs_accuracy(cells, series, show_format, lengths, trained, threshold):
+    acc: dict[tuple[Series, int], list[float]] = defaultdict(list)
+    ppl: dict[tuple[Series, int], list[float]] = defaultdict(list)
+    for cell in cells:
+        if cell.score is None:
+            continue
+        target = ppl if cell.metric == "perplexity" else acc
+        target[(series_of(cell), cell.length)].append(cell.score)
+    shown = [s for s in series if any(k[0] == s for k in ppl)]
+    # Means, as in the summary table, and one perplexity range for every panel: a flat line
+    # must look flat next to a steep one.
+    ppl_mean = {k: statistics.fmean(v) for k, v in ppl.items() if k[0] in shown}
+    lo, hi = min(ppl_mean.values()), max(ppl_mean.values())
+    cols = min(len(shown), 3)
+    rows = math.ceil(len(shown) / cols)
+    fig = figure(4.6 * cols, 3.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, s in enumerate(shown):
+        ax = axes[i // cols][i % cols]
+        xs_acc = sorted(n for (t, n) in acc if t == s)
+        if xs_acc:
+            ax.plot(xs_acc, [sum(acc[(s, n)]) / len(acc[(s, n)]) for n in xs_acc],
+                    marker="o", color="tab:blue", label="retrieval accuracy")  # fmt: skip
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_ylabel("retrieval accuracy", color="tab:blue")
+        ax.axhline(threshold, color="0.7", linestyle=":", linewidth=1)
+        length_axis(ax, lengths)
+        trained_line(ax, trained, lengths)
+        twin = ax.twinx()
+        xs_ppl = sorted(n for (t, n) in ppl if t == s)
+        twin.plot(xs_ppl, [ppl_mean[(s, n)] for n in xs_ppl], marker="s",
+                  color="tab:red", label="perplexity")  # fmt: skip
+        twin.set_yscale("log")
+        twin.set_ylim(lo / 1.15, hi * 1.15)
+        plain_log_ticks(twin.yaxis)
+        twin.set_ylabel("perplexity (mean, log)", color="tab:red")
+        ax.set_title(s.label(show_format), fontsize=10)
+    for j in range(len(shown), rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    return fig
