@@ -347,6 +347,6 @@ def test_defaults_scale_with_the_trained_length():
     from longreach.methods.infllm import InfLLM
 
     lab = tiny_model("llama", max_position_embeddings=256)
-    assert InfLLM().geometry(lab) == dict(init=4, block=4, window=128, chunk=16, dense=256)
+    assert InfLLM().geometry(lab) == dict(init=4, block=4, window=128, chunk=64, dense=256)
     big = tiny_model("llama", max_position_embeddings=8192)
     assert InfLLM().geometry(big) == dict(init=128, block=128, window=4096, chunk=512, dense=8192)

@@ -145,7 +145,7 @@ def run_demo(console: Console, out: Any, model: str | None = None) -> None:
     import time
     from pathlib import Path
 
-    from longreach.bench.demo import DEMO_MODEL, demo_config
+    from longreach.bench.demo import DEMO_MODEL, demo_configs
     from longreach.bench.report import write_report
     from longreach.bench.runner import model_trained_length
     from longreach.models import load
@@ -155,19 +155,41 @@ def run_demo(console: Console, out: Any, model: str | None = None) -> None:
     out = Path(out)
     with console.status(f"loading {name} (the first time converts it once into the cache)"):
         lm, tokenizer = load(name)
-    config = demo_config(out, name, model_trained_length(lm))
+    configs = demo_configs(out, name, model_trained_length(lm))
+    config = configs[0]
     lengths = ", ".join(format_length(n) for n in config.lengths)
     console.print(
         f"[bold]longreach demo[/]: {name} · {', '.join(config.methods)} · "
         f"{', '.join(config.tasks)} · lengths {lengths} · {config.samples} samples"
     )
-    result = bench_with_progress(config, console, model=lm, tokenizer=tokenizer)
+    for extra in configs[1:]:
+        more = ", ".join(format_length(n) for n in extra.lengths)
+        console.print(f"  and {', '.join(extra.methods)} · {', '.join(extra.tasks)} · {more}")
+    result = None
+    for each in configs:
+        part = bench_with_progress(each, console, model=lm, tokenizer=tokenizer)
+        result = part if result is None else merge_results(result, part)
     with console.status("writing the report"):
         report = write_report(config.db, out / "report")
     console.print(summary_table(result))
     console.print(
         f"report: [bold]{report.index}[/] · database: {config.db} · "
         f"{time.perf_counter() - started:.0f} s in all"
+    )
+
+
+def merge_results(a: BenchResult, b: BenchResult) -> BenchResult:
+    """Two runs on one database as one result (the summary then covers both grids)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        a,
+        run_id=a.run_id if a.run_id is not None else b.run_id,
+        total=a.total + b.total,
+        skipped=a.skipped + b.skipped,
+        computed=a.computed + b.computed,
+        seconds=a.seconds + b.seconds,
+        keys=a.keys | b.keys,
     )
 
 

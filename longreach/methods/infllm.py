@@ -285,8 +285,8 @@ class InfLLM(Method):
 
     Defaults scale with the trained length L: the authors' values for L = 8192 (window
     4096, block and init 128, chunk 512) are ``window = L/2``, ``block = init = L/64``
-    (at least 4), ``chunk = L/16`` (at most ``window``), ``topk`` 16, ``repr`` 4; a 256-token
-    model gets window 128, blocks of 4 and chunks of 16.
+    (at least 4), ``chunk = L/16`` (at least 64, at most ``window``), ``topk`` 16, ``repr`` 4;
+    a 256-token model gets window 128, blocks of 4 and chunks of 64.
 
     Parameters:
         block: tokens per memory block (default L/64).
@@ -294,8 +294,8 @@ class InfLLM(Method):
         window: local window under normal RoPE (default L/2).
         topk: memory blocks retrieved per execution chunk (default 16).
         repr: representative tokens per block (default 4).
-        chunk: queries per execution chunk, one retrieval each (default L/16; decoding
-            retrieves per token).
+        chunk: queries per execution chunk, one retrieval each (default L/16, at least 64;
+            decoding retrieves per token).
         per_head: choose blocks per KV head instead of once per layer.
         dense: inputs up to this many tokens run dense attention (default L; 0 = never).
         budget: RAM bytes for memory blocks of all layers (e.g. ``4GiB``); beyond it blocks
@@ -319,7 +319,7 @@ class InfLLM(Method):
     window: int | None = param(None, "local window under normal RoPE (default: trained length / 2)")
     topk: int = param(16, "memory blocks retrieved per execution chunk")
     repr: int = param(4, "representative tokens per block")
-    chunk: int | None = param(None, "queries per retrieval (default: trained length / 16)")
+    chunk: int | None = param(None, "queries per retrieval (default: trained length / 16, >= 64)")
     per_head: bool = param(False, "choose blocks per KV head instead of once per layer")
     dense: int | None = param(None, "inputs up to this length run dense attention (default: L)")
     budget: str | None = param(None, "RAM for memory blocks, e.g. 4GiB (default: unbounded)")
@@ -360,7 +360,8 @@ class InfLLM(Method):
             "init": self.init if self.init is not None else unit,
             "block": self.block if self.block is not None else unit,
             "window": window,
-            "chunk": self.chunk if self.chunk is not None else max(1, min(window, length // 16)),
+            # at least 64 queries: on tiny models the per-chunk work is overhead, not arithmetic
+            "chunk": self.chunk if self.chunk is not None else min(window, max(64, length // 16)),
             "dense": self.dense if self.dense is not None else length,
         }
         if self.repr > out["block"]:
