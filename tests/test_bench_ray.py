@@ -190,3 +190,15 @@ def test_cells_go_only_to_workers_holding_their_model(cluster, tmp_path, tiny_di
     assert all(results[c.key].key == c.key for c in cells), "a cell ran on the other model"
     assert [len(w) for w in ran_on.values()] == [1, 1], ran_on
     assert ran_on[facts[0].fingerprint] != ran_on[facts[1].fingerprint], ran_on
+
+
+def test_more_workers_than_the_cluster_holds_is_one_line(cluster, tmp_path):
+    from longreach.bench.ray_executor import RayExecutor
+    from longreach.errors import LongreachError
+
+    config = BenchConfig(db=str(tmp_path / "x.db"), **GRID)
+    with pytest.raises(LongreachError) as info:
+        RayExecutor(workers=5).start([ModelBackend(config, "cpu")])
+    assert str(info.value) == (
+        "5 workers × 1 CPU do not fit the Ray cluster's 2 CPUs; ask for fewer --workers."
+    )

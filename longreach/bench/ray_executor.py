@@ -136,8 +136,8 @@ class RayExecutor:
                 ray.init(
                     address=self.address,
                     include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
+                    log_to_driver=False,  # workers' output would break the progress bar
+                    logging_level=logging.ERROR,
                 )
             except Exception as exc:  # noqa: BLE001 - Ray raises several types here
                 where = (
@@ -165,7 +165,7 @@ class RayExecutor:
         n = self.workers if self.workers is not None else fits
         if fits < 1 or n > fits:
             message = (
-                f"{n or 1} workers with {each:g} {kind} each do not fit the Ray cluster's "
+                f"{n or 1} workers × {each:g} {kind[:-1]} do not fit the Ray cluster's "
                 f"{have:g} {kind}; ask for fewer --workers"
                 + (" or a smaller --gpus-per-worker." if kind == "GPUs" else ".")
             )

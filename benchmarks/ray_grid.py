@@ -1,0 +1,91 @@
+"""A lab-model grid on 2 Ray workers against the local executor: wall time ratio in one run.
+
+The grid (24 cells by default: 2 methods × passkey × 2 lengths × 6 samples) runs first
+in this process (``run_bench``, the local executor: it loads the model and computes every
+cell on one torch thread), then on a local Ray cluster with ``--workers`` actors of one CPU
+and one torch thread each (``RayExecutor``). The Ray time counts starting the worker
+processes and loading the model in each, not starting the cluster (on a real cluster it is
+already up; that time is printed apart). Both runs write fresh databases, whose scores and
+token counts are checked to be equal.
+
+    python benchmarks/ray_grid.py                  # about a minute on 2 cores
+    python benchmarks/ray_grid.py --lengths 4k,8k --samples 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from longreach.bench import BenchConfig, ResultStore, parse_lengths, run_bench
+
+
+def _rows(db: Path) -> dict[str, tuple]:
+    with ResultStore(db, create=False) as store:
+        return {c.key: (c.score, c.context_tokens, c.new_tokens) for c in store.cells()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="8k,16k")
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--method", action="append", default=None)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    import ray
+
+    from longreach.bench.ray_executor import RayExecutor
+
+    methods = args.method or ["vanilla", "lm-infinite:window=256"]
+    grid = dict(
+        model="lab",
+        methods=methods,
+        tasks=["passkey"],
+        lengths=parse_lengths(args.lengths),
+        depths=[0.5],
+        samples=args.samples,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        local_db, ray_db = Path(tmp) / "local.db", Path(tmp) / "ray.db"
+
+        t0 = time.perf_counter()
+        local = run_bench(BenchConfig(db=str(local_db), **grid))
+        local_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ray.init(
+            num_cpus=args.workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
+        cluster_s = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            distributed = run_bench(
+                BenchConfig(db=str(ray_db), **grid), executor=RayExecutor(workers=args.workers)
+            )
+            ray_s = time.perf_counter() - t0
+        finally:
+            ray.shutdown()
+        same = _rows(local_db) == _rows(ray_db)
+
+    print(f"grid: {local.total} cells ({', '.join(methods)} × passkey × {args.lengths} × "
+          f"{args.samples} samples), lab model, 1 torch thread per process")  # fmt: skip
+    print(f"local executor           {local_s:7.1f} s  ({local.computed} cells)")
+    print(
+        f"ray, {args.workers} workers           {ray_s:7.1f} s  ({distributed.computed} cells; "
+        f"cluster start {cluster_s:.1f} s, not counted)"
+    )
+    print(f"speed-up                 {local_s / ray_s:7.2f}x   (goal >= 1.6x)")
+    print(f"scores and token counts equal: {'yes' if same else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
