@@ -1,6 +1,6 @@
 """A lab-model grid on 2 Ray workers against the local executor: wall time ratio in one run.
 
-The grid (24 cells by default: 2 methods × passkey × 2 lengths × 6 samples) runs first
+The grid (24 cells by default: 2 methods × passkey at 16k tokens × 12 samples) runs first
 in this process (``run_bench``, the local executor: it loads the model and computes every
 cell on one torch thread), then on a local Ray cluster with ``--workers`` actors of one CPU
 and one torch thread each (``RayExecutor``). The Ray time counts starting the worker
@@ -8,13 +8,21 @@ processes and loading the model in each, not starting the cluster (on a real clu
 already up; that time is printed apart). Both runs write fresh databases, whose scores and
 token counts are checked to be equal.
 
-    python benchmarks/ray_grid.py                  # about a minute on 2 cores
+    python benchmarks/ray_grid.py                  # about two minutes on 2 cores
     python benchmarks/ray_grid.py --lengths 4k,8k --samples 3
+
+The Ray workers need the machine's cores to themselves: the load average before and after
+is printed, since other jobs on the cores make the ratio meaningless.
+
+A worker needs a few seconds to start (a Python process that imports torch and transformers
+and loads the model), so the grid must hold enough work to amortize it: with S seconds of
+start-up and T seconds of local work, 2 workers reach at most T / (T / 2 + S).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +39,8 @@ def _rows(db: Path) -> dict[str, tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="8k,16k")
-    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--lengths", default="16k")
+    parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--method", action="append", default=None)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -51,6 +59,7 @@ def main() -> None:
         depths=[0.5],
         samples=args.samples,
     )
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         local_db, ray_db = Path(tmp) / "local.db", Path(tmp) / "ray.db"
 
@@ -85,6 +94,7 @@ def main() -> None:
     )
     print(f"speed-up                 {local_s / ray_s:7.2f}x   (goal >= 1.6x)")
     print(f"scores and token counts equal: {'yes' if same else 'NO'}")
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
