@@ -87,7 +87,7 @@ def test_cli_ray_run_and_rerun(cluster, tmp_path):
     db = tmp_path / "cli.db"
     args = ["bench", "--model", "lab", "--method", "vanilla", "--task", "passkey"]
     args += ["--lengths", "256", "--samples", "4", "--db", str(db)]
-    args += ["--executor", "ray", "--workers", "2"]
+    args += ["--executor", "ray", "--workers", "1"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "4 cells computed, 0 already in" in first.output, first.output

@@ -123,7 +123,8 @@ class RayExecutor:
         self._owns_ray = False
         self._backends: list[CellBackend] = []
         self._slots: list[_Slot] = []
-        self._facts: list[ModelFacts] = []
+        self._known: dict[int, ModelFacts] = {}  # backend index -> facts of its first worker
+        self._loading: dict[Any, _Slot] = {}  # ObjectRef of open() -> its slot
         self._start_failures: dict[int, int] = {}
         self._actor_class: Any = None
 
@@ -186,24 +187,27 @@ class RayExecutor:
         return _Slot(number, backend, actor)
 
     def start(self, backends: Sequence[CellBackend]) -> list[ModelFacts]:
-        """Start the workers, split evenly between ``backends``; wait until each has loaded."""
+        """Start the workers, split evenly between ``backends``; return each backend's facts.
+
+        It returns as soon as one worker per backend has loaded: the others go on loading
+        and join in ``map`` (a rerun with nothing to compute waits for one load, not all).
+        """
         ray = self._connect()
         self._backends = list(backends)
+        self._known, self._start_failures = {}, {}
         self._actor_class = ray.remote(_Worker)
         n = self._size(len(self._backends))
         self._slots = [self._new_slot(i, i % len(self._backends)) for i in range(n)]
-        pending = {slot.actor.open.remote(): slot for slot in self._slots}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            slot = pending.pop(ready[0])
+        self._loading = {slot.actor.open.remote(): slot for slot in self._slots}
+        while len(self._known) < len(self._backends):
+            if not self._loading:
+                raise LongreachError("no Ray worker could load the model; see `ray status`.")
+            ready, _ = ray.wait(list(self._loading), num_returns=1)
+            slot = self._loading.pop(ready[0])
             replacement = self._opened(slot, ready[0])
             if replacement is not None:
-                pending[replacement.actor.open.remote()] = replacement
-        self._facts = []
-        for index in range(len(self._backends)):
-            facts = [s for s in self._slots if s.backend == index and s.alive]
-            self._facts.append(self._facts_of(index, facts))
-        return list(self._facts)
+                self._loading[replacement.actor.open.remote()] = replacement
+        return [self._known[i] for i in range(len(self._backends))]
 
     def _opened(self, slot: _Slot, ref: Any) -> _Slot | None:
         """Record a worker's start; a replacement slot when it died while loading."""
@@ -216,8 +220,9 @@ class RayExecutor:
             raise _unwrap(exc) from None
         slot.facts, slot.fingerprint = facts, facts.fingerprint
         slot.where, slot.pid = f"{host}:{pid}", pid
-        if len(self._facts) > slot.backend and facts != self._facts[slot.backend]:
-            raise _mismatch(self._facts[slot.backend], facts, slot.where)
+        known = self._known.setdefault(slot.backend, facts)
+        if facts != known:
+            raise _mismatch(known, facts, slot.where)
         return None
 
     def _lost_at_start(self, slot: _Slot, exc: BaseException) -> _Slot | None:
@@ -236,17 +241,6 @@ class RayExecutor:
         self._slots.append(replacement)
         return replacement
 
-    def _facts_of(self, index: int, slots: list[_Slot]) -> ModelFacts:
-        if not slots:
-            raise LongreachError("no Ray worker could load the model.")
-        first = slots[0].facts
-        assert first is not None
-        for other in slots[1:]:
-            if other.facts != first:
-                assert other.facts is not None
-                raise _mismatch(first, other.facts, other.where)
-        return first
-
     def _bury(self, slot: _Slot) -> None:
         slot.alive = False
         try:
@@ -261,11 +255,19 @@ class RayExecutor:
     # ---- work
 
     def preflight(self, fingerprint: str, cells: Sequence[PlannedCell]) -> None:
-        slot = next(s for s in self._slots if s.alive and s.fingerprint == fingerprint)
-        try:
-            self._ray.get(slot.actor.preflight.remote(list(cells)))
-        except self._ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        """Check the grid's samples on one worker (another one if that worker dies)."""
+        ray = self._ray
+        for slot in [s for s in self._slots if s.alive and s.fingerprint == fingerprint]:
+            try:
+                ray.get(slot.actor.preflight.remote(list(cells)))
+                return
+            except ray.exceptions.RayActorError as exc:
+                self.deaths += 1
+                self._bury(slot)
+                log.warning("Ray worker %s died in the preflight: %s", slot.where, one_line(exc))
+            except ray.exceptions.RayTaskError as exc:
+                raise _unwrap(exc) from None
+        raise LongreachError("every Ray worker died before the first cell; run the command again.")
 
     def map(
         self,
@@ -284,7 +286,7 @@ class RayExecutor:
             )
         deaths: dict[str, int] = {}  # cell key -> workers that died under it
         running: dict[Any, _Slot] = {}  # ObjectRef of run() -> its slot
-        starting: dict[Any, _Slot] = {}  # ObjectRef of open() -> its slot
+        starting, self._loading = self._loading, {}  # ObjectRef of open() -> its slot
 
         def take(slot: _Slot) -> list[PlannedCell]:
             queue = queues.get(slot.fingerprint or "")
