@@ -294,7 +294,9 @@ class RayExecutor:
                 return []
             if queue[0].key in deaths:
                 return [queue.popleft()]  # a suspect runs alone
-            holders = sum(1 for s in self._slots if s.alive and s.fingerprint == slot.fingerprint)
+            # workers still loading count: they join soon, and a first chunk sized for one
+            # worker would leave them idle at the end
+            holders = sum(1 for s in self._slots if s.alive and s.backend == slot.backend)
             size = max(1, min(self.max_chunk, len(queue) // (2 * max(1, holders))))
             chunk = [queue.popleft()]
             while (
