@@ -181,9 +181,13 @@ class ModelBackend:
         return PromptFormat(self._tokenizer, chat=self.config.chat)
 
     def preflight(self, cells: Sequence[PlannedCell]) -> None:
+        self.open()
+        checks = _grid_checks()
+        if checks is not None:
+            checks.check_cells(self._model, self._tokenizer, self.config, list(cells))
+            return
         from longreach.bench.runner import _preflight
 
-        self.open()
         _preflight(list(cells), self._format())
 
     def _use_method(self, method: str) -> None:
@@ -265,6 +269,19 @@ def failure_cell(planned: PlannedCell, facts: ModelFacts, failure: CellFailure) 
     )
 
 
+def _grid_checks() -> Any:
+    """``longreach.bench.preflight`` (every input problem at once) when this build has it.
+
+    The local runner's checks moved there; until both branches of the code base meet, the
+    driver uses them when present and the runner's own otherwise.
+    """
+    try:
+        from longreach.bench import preflight
+    except ImportError:
+        return None
+    return preflight
+
+
 def run_bench_on(
     executor: GridExecutor,
     config: BenchConfig,
@@ -277,15 +294,21 @@ def run_bench_on(
     ``backend`` defaults to a ``ModelBackend`` that loads ``config.model`` in each worker.
     """
     started = time.perf_counter()
-    config.validate()
-    methods = list(dict.fromkeys(canonical_method(m) for m in config.methods))
-    tasks = load_tasks(config)
+    checks = _grid_checks()
+    if checks is not None:
+        methods, tasks = checks.check_config(config)
+    else:
+        config.validate()
+        methods = list(dict.fromkeys(canonical_method(m) for m in config.methods))
+        tasks = load_tasks(config)
     emit = progress or _ignore
     store = ResultStore(config.db)
     try:
         if backend is None:
             backend = ModelBackend(config, config.device or executor.device, executor.threads)
         facts = executor.start([backend])[0]
+        if checks is not None:
+            tasks = checks.fit_tasks(tasks, facts.trained_length)
         plan = build_plan(config, methods, tasks, facts.fingerprint)
         done = store.done_keys()
         todo = [c for c in plan if c.key not in done]
