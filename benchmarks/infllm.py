@@ -122,7 +122,11 @@ def print_tables(records: list[dict]) -> None:
     cost: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         cost[(r["method"], r["n"])].append(r)
-    van = {n: statistics.median(x["prefill_s"] for x in rs) for (m, n), rs in cost.items() if m == "vanilla"}
+    van = {
+        n: statistics.median(x["prefill_s"] for x in rs)
+        for (m, n), rs in cost.items()
+        if m == "vanilla"
+    }
     print("cost (medians over cells)")
     header = (
         f"{'method':28s} {'n':>8s} {'prefill s':>10s} {'x vanilla':>10s} {'us/token':>9s} "
@@ -166,7 +170,9 @@ def main() -> None:
         return
 
     out = Path(args.out)
-    records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+    records = (
+        [json.loads(x) for x in out.read_text().splitlines() if x.strip()] if out.exists() else []
+    )
     done = {cell_key(r) for r in records}
     max_dense = _length(args.max_vanilla)
     cells = []
@@ -179,9 +185,16 @@ def main() -> None:
                     for depth in (float(d) for d in args.depths.split(",")):
                         for sample in range(args.samples):
                             cells.append(
-                                dict(method=method, task=task, haystack=haystack, n=n,
-                                     depth=depth, sample=sample, chunk=args.chunk,
-                                     threads=args.threads)
+                                dict(
+                                    method=method,
+                                    task=task,
+                                    haystack=haystack,
+                                    n=n,
+                                    depth=depth,
+                                    sample=sample,
+                                    chunk=args.chunk,
+                                    threads=args.threads,
+                                )
                             )
     todo = [c for c in cells if cell_key(c) not in done]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} done, {len(todo)} to run", flush=True)
@@ -190,10 +203,15 @@ def main() -> None:
         t0 = time.time()
         proc = subprocess.run(
             [sys.executable, __file__, "--cell", json.dumps(cell)],
-            capture_output=True, text=True, env=env,
+            capture_output=True,
+            text=True,
+            env=env,
         )
         if proc.returncode != 0:
-            print(f"[{i}/{len(todo)}] FAILED {cell_key(cell)}: {proc.stderr.strip()[-500:]}", flush=True)
+            print(
+                f"[{i}/{len(todo)}] FAILED {cell_key(cell)}: {proc.stderr.strip()[-500:]}",
+                flush=True,
+            )
             continue
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from longreach import __version__, errors
@@ -33,7 +34,10 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LongreachError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets (pip install 'longreach[ray]')
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.INTERRUPTS_HANDLED = True
@@ -177,6 +181,18 @@ def bench(
         0.85, "--threshold", help="Accuracy threshold of the effective context length."
     ),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+    executor: str = typer.Option(
+        "local", "--executor", help="local (this process) or ray (workers on a Ray cluster)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Join this Ray cluster (default: start a local one)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Ray workers, each holding one model (default: what fits)."
+    ),
+    gpus_per_worker: float = typer.Option(
+        0.0, "--gpus-per-worker", help="GPUs each Ray worker reserves (0: run on CPUs)."
+    ),
 ) -> None:
     """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
     from longreach.bench import BenchConfig, parse_depths, parse_lengths
@@ -185,6 +201,7 @@ def bench(
 
     check_threshold(threshold)
     set_threads(threads)
+    grid_executor = _grid_executor(executor, ray_address, workers, gpus_per_worker, threads)
 
     config = BenchConfig(
         model=model,
@@ -201,11 +218,38 @@ def bench(
         dtype=dtype,
         chunk=chunk,
     )
-    result = bench_with_progress(config, console)
+    result = bench_with_progress(config, console, executor=grid_executor)
     console.print(summary_table(result, threshold))
+    if getattr(result, "failed", 0):
+        console.print(f"[red]{result.failed} cells failed[/]; their errors are stored with them.")
     console.print(
         f"{result.computed} cells computed, {result.skipped} already in {db}. "
         f"Make the report with: [bold]longreach report --db {db} --out report/[/]"
+    )
+
+
+def _grid_executor(
+    kind: str, address: str | None, workers: int | None, gpus: float, threads: int
+) -> Any:
+    """``--executor``: None runs in this process; ``ray`` gives a RayExecutor."""
+    if kind == "local":
+        given = [
+            name
+            for name, value in (
+                ("--ray-address", address), ("--workers", workers), ("--gpus-per-worker", gpus)
+            )
+            if value
+        ]  # fmt: skip
+        if given:
+            raise LongreachError(f"{given[0]} needs --executor ray.")
+        return None
+    if kind != "ray":
+        raise LongreachError(f"unknown --executor {kind!r}; use local or ray.")
+    from longreach.bench.ray_executor import RayExecutor, import_ray
+
+    import_ray()
+    return RayExecutor(
+        address=address, workers=workers, gpus_per_worker=gpus, cpus_per_worker=threads or 1
     )
 
 

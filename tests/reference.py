@@ -282,7 +282,9 @@ def infllm_attention(
                     mean_q = far_q[:, s:e].mean(1).view(hkv, g, d).sum(1)  # (Hkv, D)
                     per_block = torch.einsum("nhd,hd->nh", torch.stack(reps), mean_q)
                     if per_head:
-                        chosen = [sorted(per_block[:, h].topk(topk).indices.tolist()) for h in range(hkv)]
+                        chosen = [
+                            sorted(per_block[:, h].topk(topk).indices.tolist()) for h in range(hkv)
+                        ]
                     else:
                         chosen = [sorted(per_block.sum(1).topk(topk).indices.tolist())] * hkv
                 if selected is not None:
@@ -303,7 +305,10 @@ def infllm_attention(
                 s_near = (true_k @ true_q[:, i, :, None])[..., 0] * scale  # (Hq, n)
                 s_far = (raw_k @ far_q[:, i, :, None])[..., 0] * scale
                 logits = torch.cat(
-                    [s_near.masked_fill(~near, float("-inf")), s_far.masked_fill(~far, float("-inf"))],
+                    [
+                        s_near.masked_fill(~near, float("-inf")),
+                        s_far.masked_fill(~far, float("-inf")),
+                    ],
                     dim=-1,
                 )
                 lse = torch.logsumexp(logits, dim=-1)  # (Hq,)

@@ -286,7 +286,9 @@ def test_a_killed_disk_run_leaves_nothing_a_rerun_trusts(tmp_path):
         deadline = time.time() + 60
         while time.time() < deadline:
             folders = [f for f in os.listdir(tmp_path) if f.startswith("longreach-memory-")]
-            files = [os.path.join(tmp_path, f, x) for f in folders for x in os.listdir(tmp_path / f)]
+            files = [
+                os.path.join(tmp_path, f, x) for f in folders for x in os.listdir(tmp_path / f)
+            ]
             if any(os.path.getsize(x) > 0 for x in files):
                 break
             time.sleep(0.05)

@@ -69,6 +69,7 @@ Registration happens only in :func:`register` / :func:`use`, never on import.
 
 from __future__ import annotations
 
+from longreach.attention.context import current_memory
 from longreach.attention.hf import (
     NAME,
     SlotMask,
@@ -79,7 +80,6 @@ from longreach.attention.hf import (
     use,
 )
 from longreach.attention.kernel import KeyPadding, PositionSet, block_attention, default_backend
-from longreach.attention.context import current_memory
 from longreach.attention.layout import (
     AttentionCall,
     BlockLayout,

@@ -55,6 +55,12 @@ def bench_with_progress(config: BenchConfig, console: Console, **kwargs: Any) ->
             elif event.kind == "done" and event.cell is not None:
                 progress.update(bar, completed=event.done)
                 cell = event.cell
+                if cell.score is None:  # failed for good (an executor records it and goes on)
+                    error = cell.meta.get("error", "failed")
+                    progress.console.print(
+                        f"  [dim]{event.description}[/] → [red]failed[/]: {error}", highlight=False
+                    )
+                    return
                 score = (
                     f"ppl {cell.score:.1f}" if cell.metric == "perplexity" else f"{cell.score:.2f}"
                 )

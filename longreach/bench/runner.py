@@ -464,12 +464,19 @@ def run_bench(
     model: torch.nn.Module | None = None,
     tokenizer: Any = None,
     progress: ProgressFn | None = None,
+    executor: Any = None,
 ) -> BenchResult:
     """Run every cell of ``config`` that the database does not hold yet; return the totals.
 
     ``model`` and ``tokenizer`` may be given (tests, notebooks); otherwise
     ``longreach.load(config.model)`` loads them. Bad input fails before the model loads.
+    With an ``executor`` (``longreach.bench.executors.GridExecutor``, e.g. ``RayExecutor``)
+    its workers load the model and compute the cells; this process still writes them.
     """
+    if executor is not None:
+        from longreach.bench.executors import run_bench_on
+
+        return run_bench_on(executor, config, progress)
     from longreach.bench import preflight
 
     started = time.perf_counter()

@@ -39,7 +39,12 @@ from longreach.errors import LongreachError
 
 __all__ = ["KV_DTYPES", "BlockStore", "Budget", "sweep_stale"]
 
-KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+KV_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.int8,
+}
 _PREFIX = "longreach-memory-"
 
 

@@ -134,7 +134,12 @@ class InfLLMLayout(Layout):
             a = self.init + state.n_blocks * self.block
             pos = torch.arange(a, a + self.block, device=device)
             keys = rotate(key[:, :, a - base : a - base + self.block], -pos, inv_freq)[0]
-            top = state.block_scores(keys.shape[0]).to(device).topk(min(self.repr, self.block), dim=-1).indices
+            top = (
+                state.block_scores(keys.shape[0])
+                .to(device)
+                .topk(min(self.repr, self.block), dim=-1)
+                .indices
+            )
             rep = keys.gather(1, top[..., None].expand(-1, -1, keys.shape[-1])).float().mean(1)
             state.add_block(keys, value[0, :, a - base : a - base + self.block].clone(), rep)
 
@@ -450,5 +455,7 @@ def parse_bytes(text: str, method: str = "infllm") -> int:
             f"{method}: budget must be a size such as 4GiB or 512MiB, got {text!r}."
         ) from None
     if unit not in _UNITS or not math.isfinite(value) or value <= 0:
-        raise LongreachError(f"{method}: budget must be a size such as 4GiB or 512MiB, got {text!r}.")
+        raise LongreachError(
+            f"{method}: budget must be a size such as 4GiB or 512MiB, got {text!r}."
+        )
     return int(value * _UNITS[unit])
