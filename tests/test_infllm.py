@@ -352,3 +352,25 @@ def test_defaults_scale_with_the_trained_length():
     assert InfLLM().geometry(lab) == dict(init=4, block=4, window=128, chunk=64, dense=256)
     big = tiny_model("llama", max_position_embeddings=8192)
     assert InfLLM().geometry(big) == dict(init=128, block=128, window=4096, chunk=512, dense=8192)
+
+
+def test_the_memory_context_is_per_thread():
+    import threading
+
+    from longreach.attention import context
+
+    seen = {}
+
+    def worker(name):
+        token = context.enter(name)
+        time.sleep(0.05)
+        seen[name] = context.current_memory()
+        context.leave(token)
+
+    threads = [threading.Thread(target=worker, args=(f"memory-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {f"memory-{i}": f"memory-{i}" for i in range(4)}
+    assert context.current_memory() is None
