@@ -436,7 +436,8 @@ class InfLLM(Method):
             context.leave(tokens.pop() if tokens else None)
 
         patch.forward_pre_hook(model, before)
-        handle_after = model.register_forward_hook(after, with_kwargs=True)
+        # always_call: a call that raises must not leave its memory published
+        handle_after = model.register_forward_hook(after, with_kwargs=True, always_call=True)
         patch.on_undo(handle_after.remove)
 
 
