@@ -200,6 +200,49 @@ def bench(
 
 @app.command()
 @one_line_errors
+def serve(
+    model: str = typer.Option(
+        "lab", "--model", "-m", help="Model alias or local Hugging Face directory."
+    ),
+    method: str = typer.Option("vanilla", "--method", help="Method spec, e.g. yarn:factor=4."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed)."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Requests that may wait; beyond: 503."),
+    max_model_len: int | None = typer.Option(
+        None, "--max-model-len", help="Context length served (default: what the method serves)."
+    ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="Name clients pass as `model` (default: --model)."
+    ),
+    chat_template: str | None = typer.Option(
+        None, "--chat-template", help="Jinja chat template file (default: the tokenizer's)."
+    ),
+    chunk: int = typer.Option(1024, "--chunk", help="Prefill chunk in tokens."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32."),
+    max_sessions: int = typer.Option(16, "--max-sessions", help="Kept conversations (session_id)."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+) -> None:
+    """Serve a model with a method behind an OpenAI-compatible API (docs/serve.md)."""
+    from longreach.bench.render import set_threads
+    from longreach.serve import ServeConfig
+    from longreach.serve import serve as run_server
+
+    set_threads(threads)
+    config = ServeConfig(
+        model=model, method=method, host=host, port=port, max_queue=max_queue,
+        max_model_len=max_model_len, served_model_name=served_model_name,
+        chat_template=chat_template, chunk=chunk, dtype=dtype, max_sessions=max_sessions,
+    )  # fmt: skip
+
+    def listening(url: str) -> None:
+        console.print(f"longreach serve: listening on {url}/v1", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    run_server(config, on_listen=listening)
+
+
+@app.command()
+@one_line_errors
 def report(
     db: str = typer.Option(
         "runs.db", "--db", help="SQLite results file written by `longreach bench`."
