@@ -168,6 +168,21 @@ def bench(
         0.85, "--threshold", help="Accuracy threshold of the effective context length."
     ),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="Run against an OpenAI-compatible server at this URL instead."
+    ),
+    served_model: str | None = typer.Option(
+        None, "--served-model", help="With --endpoint: the model name the server serves."
+    ),
+    tokenizer: str | None = typer.Option(
+        None,
+        "--tokenizer",
+        help="With --endpoint: a local tokenizer, if the server has no /tokenize.",
+    ),
+    parallel: int = typer.Option(1, "--parallel", help="With --endpoint: requests in flight."),
+    timeout: float = typer.Option(
+        600.0, "--timeout", help="With --endpoint: seconds without an answer before giving up."
+    ),
 ) -> None:
     """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
     from longreach.bench import BenchConfig, parse_depths, parse_lengths
@@ -190,7 +205,17 @@ def bench(
         dtype=dtype,
         chunk=chunk,
     )
-    result = bench_with_progress(config, console)
+    if endpoint is not None:
+        from longreach.bench.endpoint import EndpointConfig, run_endpoint_bench
+
+        if not served_model:
+            raise LongreachError(
+                "--endpoint needs --served-model NAME (see the server's /v1/models)."
+            )
+        target = EndpointConfig(endpoint, served_model, tokenizer, parallel, timeout)
+        result = bench_with_progress(config, console, runner=run_endpoint_bench, endpoint=target)
+    else:
+        result = bench_with_progress(config, console)
     console.print(summary_table(result, threshold))
     console.print(
         f"{result.computed} cells computed, {result.skipped} already in {db}. "

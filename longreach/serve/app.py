@@ -212,6 +212,8 @@ def create_app(engine: Engine, info: ServeInfo, max_queue: int = 8) -> FastAPI:
             "max_model_len": engine.max_model_len,
             "tokens": ids,
         }
+        if body.return_offsets and body.prompt is not None:
+            reply["offsets"] = engine.offsets(body.prompt, body.add_special_tokens)
         if body.return_token_strs:
             reply["token_strs"] = [engine.token_text(i) for i in ids]
         return reply

@@ -136,6 +136,19 @@ class Engine:
             self.tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
         )
 
+    def offsets(self, text: str, add_special_tokens: bool = True) -> list[list[int]] | None:
+        """Character (start, end) of each token, when the tokenizer reports them."""
+        try:
+            enc = self.tokenizer(
+                text,
+                add_special_tokens=add_special_tokens,
+                return_offsets_mapping=True,
+                verbose=False,
+            )
+        except (NotImplementedError, ValueError):
+            return None
+        return [[int(s), int(e)] for s, e in enc["offset_mapping"]]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 

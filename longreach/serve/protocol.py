@@ -163,6 +163,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+    return_offsets: bool = False  # longreach: character (start, end) of each token
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
