@@ -432,3 +432,10 @@ def test_full_queue_answers_503_with_retry_after(server):
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 14 - 9, f"9 fit (1 running + 8 waiting); got {codes}"
     assert all(h == "1" for s, h in statuses if s == 503)
+
+
+def test_sessions_need_a_bounded_cache_method(server):
+    r = httpx.post(server.base_url + "/completions",
+                   json={"model": "lab", "prompt": "hi", "max_tokens": 2, "session_id": "a"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "session_id", r.text
+    assert "--method streaming" in r.json()["error"]["message"]

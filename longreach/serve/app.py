@@ -262,6 +262,7 @@ def create_app(engine: Engine, info: ServeInfo, max_queue: int = 8) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_model(body.model, info)
+        _check_session(body, engine, info)
         prompts = _completion_prompts(engine, body)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
@@ -307,6 +308,7 @@ def create_app(engine: Engine, info: ServeInfo, max_queue: int = 8) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
         _check_model(body.model, info)
+        _check_session(body, engine, info)
         text = engine_chat_text(engine, body.messages, body.add_generation_prompt)
         ids = engine.encode(text, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -371,6 +373,17 @@ def _queue_full() -> ApiError:
         "ServiceUnavailableError",
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
+
+
+def _check_session(body: Any, engine: Engine, info: ServeInfo) -> None:
+    if body.session_id is not None and not engine.sessions_enabled:
+        raise ApiError(
+            400,
+            f"Sessions keep a bounded KV cache between requests, and {info.method} keeps an "
+            "unbounded one: start the server with a cache-policy method (e.g. --method "
+            "streaming) or drop session_id.",
+            param="session_id",
+        )
 
 
 def _check_model(name: str | None, info: ServeInfo) -> None:
@@ -479,13 +492,17 @@ def _completion_choice(
         logprobs = _completion_logprobs(tokens, 0, True)
     if body.echo:
         out_text = text + out_text
-    return {
+    out = {
         "index": index,
         "text": out_text,
         "logprobs": logprobs,
         "finish_reason": choice.finish_reason,
         "stop_reason": choice.stop_reason,
     }
+    if body.return_token_ids:
+        out["prompt_token_ids"] = ids
+        out["token_ids"] = choice.token_ids
+    return out
 
 
 def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: int | None = None
     add_special_tokens: bool = True
+    return_token_ids: bool = False  # vLLM's: token ids of the prompt and of each choice
 
     @field_validator("logprobs")
     @classmethod
