@@ -131,6 +131,10 @@ def create_app(engine: Engine, info: ServeInfo, max_queue: int = 8) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc)
 
+    @app.exception_handler(LongreachError)
+    async def _longreach_error(request: Request, exc: LongreachError) -> JSONResponse:
+        return _error_response(ApiError(400, str(exc)))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
@@ -272,10 +276,8 @@ def create_app(engine: Engine, info: ServeInfo, max_queue: int = 8) -> FastAPI:
         params = _params(body, max_tokens, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _stream(
-                request, worker, metrics, _completion_events(engine, metrics, info.name, body, prompts, params, rid),
-                "/v1/completions",
-            )  # fmt: skip
+            events = _completion_events(engine, metrics, info.name, body, prompts, params, rid)
+            return _stream(request, worker, metrics, events)
 
         def job(cancel: threading.Event) -> list[tuple[int, Choice]]:
             out = []
@@ -321,10 +323,8 @@ def create_app(engine: Engine, info: ServeInfo, max_queue: int = 8) -> FastAPI:
         params = _params(body, max_tokens, top)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _stream(
-                request, worker, metrics, _chat_events(engine, metrics, info.name, body, ids, params, rid),
-                "/v1/chat/completions",
-            )  # fmt: skip
+            events = _chat_events(engine, metrics, info.name, body, ids, params, rid)
+            return _stream(request, worker, metrics, events)
 
         def job(cancel: threading.Event) -> list[Choice]:
             out = []
@@ -554,7 +554,7 @@ EventSource = Callable[[Callable[[Any], None], threading.Event], None]
 
 
 def _stream(
-    request: Request, worker: Worker, metrics: _Metrics, source: EventSource, endpoint: str
+    request: Request, worker: Worker, metrics: _Metrics, source: EventSource
 ) -> StreamingResponse:
     """An SSE response; ``source(emit, cancel)`` runs on the model worker and emits dicts."""
     loop = asyncio.get_running_loop()
