@@ -97,7 +97,7 @@ def main() -> None:
     llama_cmd = [
         args.llama_python, "-m", "llama_cpp.server", "--model", str(gguf),
         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(llama_port),
-        "--n_ctx", str(n_ctx), "--n_threads", "1", "--n_batch", "512",
+        "--n_ctx", str(n_ctx), "--n_threads", "1", "--n_threads_batch", "1", "--n_batch", "512",
         "--rope_scaling_type", "2", "--rope_freq_scale", str(1 / args.factor),
         "--yarn_orig_ctx", str(trained),
     ]  # fmt: skip
