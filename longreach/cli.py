@@ -193,6 +193,21 @@ def bench(
     gpus_per_worker: float = typer.Option(
         0.0, "--gpus-per-worker", help="GPUs each Ray worker reserves (0: run on CPUs)."
     ),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="Run against an OpenAI-compatible server at this URL instead."
+    ),
+    served_model: str | None = typer.Option(
+        None, "--served-model", help="With --endpoint: the model name the server serves."
+    ),
+    tokenizer: str | None = typer.Option(
+        None,
+        "--tokenizer",
+        help="With --endpoint: a local tokenizer, if the server has no /tokenize.",
+    ),
+    parallel: int = typer.Option(1, "--parallel", help="With --endpoint: requests in flight."),
+    timeout: float = typer.Option(
+        600.0, "--timeout", help="With --endpoint: seconds without an answer before giving up."
+    ),
 ) -> None:
     """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
     from longreach.bench import BenchConfig, parse_depths, parse_lengths
@@ -218,7 +233,22 @@ def bench(
         dtype=dtype,
         chunk=chunk,
     )
-    result = bench_with_progress(config, console, executor=grid_executor)
+    if endpoint is not None:
+        from longreach.bench.endpoint import EndpointConfig, run_endpoint_bench
+
+        if not served_model:
+            raise LongreachError(
+                "--endpoint needs --served-model NAME (see the server's /v1/models)."
+            )
+        if grid_executor is not None:
+            raise LongreachError(
+                "--endpoint runs its requests itself (--parallel N); it cannot be combined "
+                "with --executor ray yet."
+            )
+        target = EndpointConfig(endpoint, served_model, tokenizer, parallel, timeout)
+        result = bench_with_progress(config, console, runner=run_endpoint_bench, endpoint=target)
+    else:
+        result = bench_with_progress(config, console, executor=grid_executor)
     console.print(summary_table(result, threshold))
     if getattr(result, "failed", 0):
         console.print(f"[red]{result.failed} cells failed[/]; their errors are stored with them.")
@@ -251,6 +281,49 @@ def _grid_executor(
     return RayExecutor(
         address=address, workers=workers, gpus_per_worker=gpus, cpus_per_worker=threads or 1
     )
+
+
+@app.command()
+@one_line_errors
+def serve(
+    model: str = typer.Option(
+        "lab", "--model", "-m", help="Model alias or local Hugging Face directory."
+    ),
+    method: str = typer.Option("vanilla", "--method", help="Method spec, e.g. yarn:factor=4."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed)."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Requests that may wait; beyond: 503."),
+    max_model_len: int | None = typer.Option(
+        None, "--max-model-len", help="Context length served (default: what the method serves)."
+    ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="Name clients pass as `model` (default: --model)."
+    ),
+    chat_template: str | None = typer.Option(
+        None, "--chat-template", help="Jinja chat template file (default: the tokenizer's)."
+    ),
+    chunk: int = typer.Option(1024, "--chunk", help="Prefill chunk in tokens."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32."),
+    max_sessions: int = typer.Option(16, "--max-sessions", help="Kept conversations (session_id)."),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+) -> None:
+    """Serve a model with a method behind an OpenAI-compatible API (docs/serve.md)."""
+    from longreach.bench.render import set_threads
+    from longreach.serve import ServeConfig
+    from longreach.serve import serve as run_server
+
+    set_threads(threads)
+    config = ServeConfig(
+        model=model, method=method, host=host, port=port, max_queue=max_queue,
+        max_model_len=max_model_len, served_model_name=served_model_name,
+        chat_template=chat_template, chunk=chunk, dtype=dtype, max_sessions=max_sessions,
+    )  # fmt: skip
+
+    def listening(url: str) -> None:
+        console.print(f"longreach serve: listening on {url}/v1", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    run_server(config, on_listen=listening)
 
 
 @app.command()

@@ -11,7 +11,9 @@ chunk that follows a cache needs a (C x n) boolean mask and SDPA's masked path; 
 ``longreach.attention.use(model, layout)`` each chunk runs the block kernel with no mask
 at all, so memory stays O(n) and a Λ layout costs O(n x window).
 
-Decoding after a prefill: :func:`greedy` continues from the returned state; with
+Decoding after a prefill: :func:`greedy` continues from the returned state, and
+:func:`advance` feeds any further tokens (one decoded token, or a conversation's next
+turn); with
 ``model.generate`` prefill all but the last token and pass the cache in.
 """
 
@@ -25,7 +27,7 @@ import torch
 from longreach import compat
 from longreach.errors import LongreachError
 
-__all__ = ["Prefill", "greedy", "prefill"]
+__all__ = ["Prefill", "advance", "greedy", "prefill"]
 
 
 @dataclass
@@ -99,6 +101,37 @@ def prefill(
     return Prefill(cache, logits, n, attention_mask, next_position)
 
 
+def advance(
+    model: torch.nn.Module, state: Prefill, tokens: torch.Tensor, chunk: int = 1024
+) -> Prefill:
+    """Feed ``tokens`` (B, k) after what ``state`` holds, ``chunk`` tokens per forward.
+
+    ``state`` is advanced in place (cache, last logits, length, mask and positions) and
+    returned: the next token of a decoding loop, or the new turn of a kept conversation.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise LongreachError(
+            f"advance needs tokens of shape (batch, tokens) with at least one token, "
+            f"got {tuple(tokens.shape)}."
+        )
+    with torch.no_grad():
+        for start in range(0, tokens.shape[1], chunk):
+            part = tokens[:, start : start + chunk]
+            k = part.shape[1]
+            mask = positions = None
+            if state.attention_mask is not None:
+                ones = state.attention_mask.new_ones(state.attention_mask.shape[0], k)
+                state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+                steps = torch.arange(k, device=state.next_position.device)
+                mask, positions = state.attention_mask, state.next_position[:, None] + steps
+                state.next_position = state.next_position + k
+            state.logits, state.cache = _forward(
+                model, part, state.cache, state.length, mask, positions
+            )
+            state.length += k
+    return state
+
+
 def greedy(
     model: torch.nn.Module, state: Prefill, max_new_tokens: int, eos_token_id: int | None = None
 ) -> torch.Tensor:
@@ -108,28 +141,18 @@ def greedy(
     """
     tokens = []
     done = None
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = state.logits.argmax(-1, keepdim=True)  # (B, 1)
-            tokens.append(token)
-            if eos_token_id is not None:
-                done = (
-                    (token[:, 0] == eos_token_id)
-                    if done is None
-                    else done | (token[:, 0] == eos_token_id)
-                )
-                if bool(done.all()):
-                    break
-            if len(tokens) == max_new_tokens:
-                break
-            mask = positions = None
-            if state.attention_mask is not None:
-                ones = state.attention_mask.new_ones(state.attention_mask.shape[0], 1)
-                state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
-                mask, positions = state.attention_mask, state.next_position[:, None]
-                state.next_position = state.next_position + 1
-            state.logits, state.cache = _forward(
-                model, token, state.cache, state.length, mask, positions
+    for _ in range(max_new_tokens):
+        token = state.logits.argmax(-1, keepdim=True)  # (B, 1)
+        tokens.append(token)
+        if eos_token_id is not None:
+            done = (
+                (token[:, 0] == eos_token_id)
+                if done is None
+                else done | (token[:, 0] == eos_token_id)
             )
-            state.length += 1
+            if bool(done.all()):
+                break
+        if len(tokens) == max_new_tokens:
+            break
+        advance(model, state, token)
     return torch.cat(tokens, dim=1)

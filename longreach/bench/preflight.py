@@ -205,6 +205,14 @@ def check_cells(model: Any, tokenizer: Any, config: BenchConfig, cells: list[Any
     return fmt
 
 
+def check_samples(fmt: Any, cells: list[Any]) -> None:
+    """Generate each task's shortest and longest sample (no model needed: an endpoint's grid)."""
+    problems: list[str] = []
+    for cell in _extremes(cells).values():
+        collect(problems, lambda c=cell: c.task.generate(fmt, c.length, c.depth, c.seed, c.idx))
+    raise_all(problems, "for this tokenizer")
+
+
 def _extremes(cells: list[Any]) -> dict[tuple[str, int], Any]:
     """For each task, one cell at its shortest and one at its longest length."""
     lengths: dict[str, list[int]] = {}

@@ -24,8 +24,10 @@ from longreach.bench.runner import BenchResult, ProgressEvent, result_cells, run
 from longreach.bench.summary import DEFAULT_THRESHOLD, summarize
 
 
-def bench_with_progress(config: BenchConfig, console: Console, **kwargs: Any) -> BenchResult:
-    """Run ``run_bench`` under a progress bar: cells done / total, current cell, ETA."""
+def bench_with_progress(
+    config: BenchConfig, console: Console, runner: Any = run_bench, **kwargs: Any
+) -> BenchResult:
+    """Run ``runner`` (default ``run_bench``) under a progress bar: cells done / total, ETA."""
     with Progress(
         SpinnerColumn(),
         # The description gives way first on a narrow terminal; count and ETA never do.
@@ -55,22 +57,26 @@ def bench_with_progress(config: BenchConfig, console: Console, **kwargs: Any) ->
             elif event.kind == "done" and event.cell is not None:
                 progress.update(bar, completed=event.done)
                 cell = event.cell
-                if cell.score is None:  # failed for good (an executor records it and goes on)
-                    error = cell.meta.get("error", "failed")
+                if cell.score is None and "error" in (cell.meta or {}):  # failed for good
                     progress.console.print(
-                        f"  [dim]{event.description}[/] → [red]failed[/]: {error}", highlight=False
+                        f"  [dim]{event.description}[/] → [red]failed[/]: {cell.meta['error']}",
+                        highlight=False,
                     )
                     return
-                score = (
-                    f"ppl {cell.score:.1f}" if cell.metric == "perplexity" else f"{cell.score:.2f}"
-                )
+                if cell.score is None:  # an endpoint's refusal or truncation
+                    score = str(cell.meta.get("status", "no score")).replace("_", " ")
+                elif cell.metric == "perplexity":
+                    score = f"ppl {cell.score:.1f}"
+                else:
+                    score = f"{cell.score:.2f}"
+                prefill = "" if cell.prefill_s is None else f", prefill {cell.prefill_s:.2f}s"
                 progress.console.print(
                     f"  [dim]{event.description}[/] → {score}  "
-                    f"[dim]({cell.context_tokens} tokens, prefill {cell.prefill_s:.2f}s)[/]",
+                    f"[dim]({cell.context_tokens} tokens{prefill})[/]",
                     highlight=False,
                 )
 
-        return run_bench(config, progress=on_event, **kwargs)
+        return runner(config, progress=on_event, **kwargs)
 
 
 def _score_text(value: float, n: int, metric: str, threshold: float, show_n: bool = True) -> str:
