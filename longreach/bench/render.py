@@ -25,7 +25,7 @@ from longreach.bench.summary import DEFAULT_THRESHOLD, summarize
 
 
 def bench_with_progress(
-    config: BenchConfig, console: Console, runner: Any = run_bench, **kwargs: Any
+    config: BenchConfig, console: Console, runner: Any = None, **kwargs: Any
 ) -> BenchResult:
     """Run ``runner`` (default ``run_bench``) under a progress bar: cells done / total, ETA."""
     with Progress(
@@ -76,7 +76,7 @@ def bench_with_progress(
                     highlight=False,
                 )
 
-        return runner(config, progress=on_event, **kwargs)
+        return (runner or run_bench)(config, progress=on_event, **kwargs)
 
 
 def _score_text(value: float, n: int, metric: str, threshold: float, show_n: bool = True) -> str:
