@@ -14,6 +14,7 @@ def _on_sigint(signum: int, frame: object) -> None:
     from longreach import errors
 
     errors.INTERRUPTS_HANDLED = False
+    errors.INTERRUPT_SEEN = True
     timer = threading.Timer(0.5, _resend)
     timer.daemon = True
     timer.start()
@@ -40,6 +41,16 @@ def main() -> None:
         errors.INTERRUPTS_HANDLED = True
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
+    except Exception:
+        # Ctrl-C inside an import can surface as another error (numpy's "cannot load module
+        # more than once per process" when torch's import is retried): still an interruption.
+        from longreach import errors
+
+        if getattr(errors, "INTERRUPT_SEEN", False):
+            errors.INTERRUPTS_HANDLED = True
+            sys.stderr.write("interrupted\n")
+            raise SystemExit(130) from None
+        raise
 
 
 if __name__ == "__main__":

@@ -11,3 +11,4 @@ class LongreachError(Exception):
 
 # Set when the CLI has reported a Ctrl-C; longreach.__main__ delivers a swallowed one again.
 INTERRUPTS_HANDLED = True
+INTERRUPT_SEEN = False  # a SIGINT arrived (set by the CLI entry point)
