@@ -276,3 +276,13 @@ def test_out_of_memory_becomes_one_sentence():
     with pytest.raises(ValueError, match="unrelated"):
         with _oom_as_error("yarn", 32768):
             raise ValueError("unrelated")
+
+
+def test_methods_declare_whether_they_share_prefixes():
+    from longreach.bench.runner import _method_shares_prefix
+
+    assert _method_shares_prefix("vanilla") is True
+    assert _method_shares_prefix("yarn:factor=4") is True
+    assert _method_shares_prefix("dynamic-ntk:factor=4") is False, "its base follows the length"
+    assert _method_shares_prefix("streaming") is False, "it changes the KV cache"
+    assert _method_shares_prefix("infllm") is False, "it changes the KV cache"

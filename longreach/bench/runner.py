@@ -41,9 +41,6 @@ from longreach.tasks import RAW, FileTask, PromptFormat, Sample, Task, get_task
 log = logging.getLogger(__name__)
 
 # Methods whose output for a prompt depends on more than the prompt's prefix so far.
-_NO_PREFIX_SHARING = {"dynamic-ntk"}
-
-
 # --------------------------------------------------------------------------- plan
 
 
@@ -440,10 +437,7 @@ def _method_shares_prefix(method: str) -> bool:
     from longreach.methods.base import CACHE
 
     built = build_method(method)
-    explicit = getattr(built, "prefix_cacheable", None)
-    if explicit is not None:
-        return bool(explicit)
-    return built.name not in _NO_PREFIX_SHARING and CACHE not in built.touches
+    return built.shares_prefix and CACHE not in built.touches
 
 
 def apply_method(model: torch.nn.Module, method: str) -> AbstractContextManager[Any]:

@@ -57,6 +57,10 @@ class Method:
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     touches: ClassVar[frozenset[str]] = frozenset()
+    # Whether two prompts that share a prefix may share its prefilled cache: False for a
+    # method whose cached keys depend on the whole input's length (dynamic NTK rescales
+    # with it). Methods that touch the KV cache never share, whatever this says.
+    shares_prefix: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -65,6 +65,7 @@ class DynamicNTK(RopeMethod):
             model's trained length).
     """
 
+    shares_prefix: ClassVar[bool] = False  # the base depends on the whole input's length
     name: ClassVar[str] = "dynamic-ntk"
     paper: ClassVar[str] = (
         "emozilla, 2023, Dynamically Scaled RoPE; Peng et al., 2023, YaRN, arXiv 2309.00071, section 3.3"
