@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from longreach import compat
+from longreach.bench.runner import _eos_ids
 from longreach.prefill import Prefill, advance, prefill
 
 log = logging.getLogger(__name__)
@@ -331,14 +332,3 @@ def _first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
         if at >= 0 and (best is None or at < best[0]):
             best = (at, stop)
     return best
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
