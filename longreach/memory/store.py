@@ -205,9 +205,6 @@ class BlockStore:
             self._ks[:, n], self._vs[:, n] = sk, sv
         self.ram_blocks += 1
 
-    def _record_bytes(self) -> int:
-        return self.block_bytes
-
     def _append_disk(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self._file is None:
             path = os.path.join(self.budget.run_folder(), f"layer{self.layer}.blocks")
@@ -217,7 +214,7 @@ class BlockStore:
         qv, sv = self._encode(values)
         parts = [qk, qv] if not self.int8 else [qk, qv, sk, sv]
         data = b"".join(p.contiguous().cpu().view(torch.uint8).numpy().tobytes() for p in parts)
-        offset = (self.count - self.ram_blocks) * self._record_bytes()
+        offset = (self.count - self.ram_blocks) * self.block_bytes
         written = os.pwrite(self._file, data, offset)
         if written != len(data):
             raise LongreachError(
@@ -229,7 +226,7 @@ class BlockStore:
         if hit is not None:
             self._lru.move_to_end(b)
             return hit
-        size = self._record_bytes()
+        size = self.block_bytes
         raw = os.pread(self._file, size, (b - self.ram_blocks) * size)
         if len(raw) != size:
             raise LongreachError(f"memory block {b} of layer {self.layer} is truncated on disk.")
