@@ -19,6 +19,7 @@ turn); with
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from longreach import compat
 from longreach.errors import LongreachError
 
-__all__ = ["Prefill", "advance", "greedy", "prefill"]
+__all__ = ["Prefill", "advance", "greedy", "prefill", "score"]
 
 
 @dataclass
@@ -47,7 +48,8 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
-def _forward(model, ids, cache, past, attention_mask=None, position_ids=None):
+def _forward(model, ids, cache, past, attention_mask=None, position_ids=None, keep=1):
+    # The logits of the last ``keep`` positions (0: all), and the cache.
     kwargs = compat.forward_kwargs(
         model, cache, past_length=past, query_length=ids.shape[1], device=ids.device
     )
@@ -55,9 +57,10 @@ def _forward(model, ids, cache, past, attention_mask=None, position_ids=None):
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = position_ids
     if compat.takes_logits_to_keep(model):
-        kwargs["logits_to_keep"] = 1
+        kwargs["logits_to_keep"] = keep
     out = model(input_ids=ids, use_cache=True, **kwargs)
-    return out.logits[:, -1].float(), compat.output_cache(out)
+    logits = out.logits[:, -1].float() if keep == 1 else out.logits[:, -keep:].float()
+    return logits, compat.output_cache(out)
 
 
 def prefill(
@@ -67,13 +70,22 @@ def prefill(
     *,
     attention_mask: torch.Tensor | None = None,
     cache: Any = None,
+    past: int = 0,
 ) -> Prefill:
     """Fill ``model``'s KV cache with ``input_ids`` (B, n), ``chunk`` tokens per forward.
 
     ``attention_mask`` (B, n) marks real tokens (left padding for batches); positions then
     follow generate()'s rule. ``cache`` may be a cache object to fill (e.g. a method's
-    cache policy); by default the model creates its dynamic cache. Runs without gradients.
+    cache policy); by default the model creates its dynamic cache. ``past`` is the number
+    of tokens ``cache`` already holds (a reused prompt prefix): the input continues after
+    them. Runs without gradients.
     """
+    if past:
+        if cache is None or attention_mask is not None:
+            raise LongreachError(
+                "prefill after past tokens needs the cache that holds them, and no padding."
+            )
+        return advance(model, Prefill(cache, torch.empty(0), past), input_ids, chunk)
     if chunk < 1:
         raise LongreachError(f"prefill chunk must be a positive number of tokens, got {chunk}.")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -109,6 +121,8 @@ def advance(
     ``state`` is advanced in place (cache, last logits, length, mask and positions) and
     returned: the next token of a decoding loop, or the new turn of a kept conversation.
     """
+    if chunk < 1:
+        raise LongreachError(f"prefill chunk must be a positive number of tokens, got {chunk}.")
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise LongreachError(
             f"advance needs tokens of shape (batch, tokens) with at least one token, "
@@ -132,27 +146,59 @@ def advance(
     return state
 
 
+def score(model: torch.nn.Module, state: Prefill, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits (B, k, vocab), fp32, at every position of ``tokens`` (B, k) fed after ``state``.
+
+    One forward pass (activations grow with k, so keep k to what is scored); ``state`` is
+    advanced in place, as :func:`advance` does. For perplexity: prefill the context, then
+    score the continuation.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise LongreachError(
+            f"score needs tokens of shape (batch, tokens) with at least one token, "
+            f"got {tuple(tokens.shape)}."
+        )
+    if state.attention_mask is not None:
+        raise LongreachError("score needs a state without padding.")
+    with torch.no_grad():
+        logits, state.cache = _forward(model, tokens, state.cache, state.length, keep=0)
+    state.length += tokens.shape[1]
+    state.logits = logits[:, -1]
+    return logits
+
+
 def greedy(
-    model: torch.nn.Module, state: Prefill, max_new_tokens: int, eos_token_id: int | None = None
+    model: torch.nn.Module,
+    state: Prefill,
+    max_new_tokens: int,
+    eos_token_id: int | Collection[int] | None = None,
+    *,
+    stop: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Greedy decoding from a :class:`Prefill`; returns the new tokens (B, <= max_new_tokens).
 
-    Stops early when every row has produced ``eos_token_id``. ``state`` is advanced in place.
+    Stops early when every row has produced one of the ``eos_token_id`` ids, or when
+    ``stop`` (given the tokens so far, (B, t)) returns True. ``state`` is advanced in place:
+    the last token returned is not fed, so ``state.length`` counts the prompt and all but
+    the last new token.
     """
+    eos = None
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else sorted(eos_token_id)
+        eos = torch.tensor(ids, dtype=torch.long, device=state.logits.device) if ids else None
     tokens = []
     done = None
     for _ in range(max_new_tokens):
         token = state.logits.argmax(-1, keepdim=True)  # (B, 1)
         tokens.append(token)
-        if eos_token_id is not None:
-            done = (
-                (token[:, 0] == eos_token_id)
-                if done is None
-                else done | (token[:, 0] == eos_token_id)
-            )
+        if eos is not None:
+            ended = torch.isin(token[:, 0], eos)
+            done = ended if done is None else done | ended
             if bool(done.all()):
                 break
         if len(tokens) == max_new_tokens:
+            break
+        if stop is not None and stop(torch.cat(tokens, dim=1)):
             break
         advance(model, state, token)
     return torch.cat(tokens, dim=1)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from longreach.bench import BenchConfig, ResultStore, run_bench
 from longreach.bench.executors import ModelBackend
+from longreach.bench.plan import build_plan
 from longreach.bench.render import bench_with_progress
-from longreach.bench.runner import build_plan
 from longreach.cli import app
 from longreach.tasks import get_task
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from longreach.bench import BenchConfig, ResultStore, run_bench
 from longreach.bench.executors import ModelBackend, run_bench_on
-from longreach.bench.runner import build_plan, canonical_method, load_tasks
+from longreach.bench.plan import build_plan, canonical_method, load_tasks
 from longreach.cli import app
 
 ray = pytest.importorskip("ray")

@@ -11,13 +11,8 @@ from fixtures.tinylm import one_thread, tiny_dir, tiny_lm, tiny_tokenizer  # noq
 from longreach.bench import BenchConfig, ResultStore, run_bench
 from longreach.bench.cost import PeakMemory, Timer
 from longreach.bench.grid import format_length, parse_depths, parse_lengths
-from longreach.bench.runner import (
-    _answer,
-    _eos_ids,
-    _prefill,
-    _SharedPrefix,
-    model_fingerprint,
-)
+from longreach.bench.plan import model_fingerprint
+from longreach.bench.runner import _answer, _eos_ids, _prefill, _SharedPrefix
 from longreach.errors import LongreachError
 from longreach.tasks import PromptFormat, get_task
 
@@ -162,15 +157,21 @@ def test_perplexity_matches_a_direct_forward(tmp_path, lm):
 
 
 def test_chunked_prefill_equals_one_pass(lm):
+    from longreach.prefill import score
+
     model, _ = lm
     ids = list(range(3, 203))
     with torch.inference_mode():
-        one, cache_one = _prefill(model, ids, None, 0, None)
-        chunked, cache_chunked = _prefill(model, ids, None, 0, 64)
-        tail, _ = _prefill(model, ids, None, 0, 64, keep=5)
-    assert torch.allclose(one[0, -1], chunked[0, -1], atol=1e-4)
-    assert cache_one.get_seq_length() == cache_chunked.get_seq_length() == 200
-    assert tail.shape[1] == 5
+        one = _prefill(model, ids, None, 0, None)
+        chunked = _prefill(model, ids, None, 0, 64)
+        head = _prefill(model, ids[:195], None, 0, 64)
+        tail = score(model, head, torch.tensor([ids[195:]]))
+        full = model(torch.tensor([ids])).logits[0].float()
+    assert torch.allclose(one.logits[0], chunked.logits[0], atol=1e-4)
+    assert one.cache.get_seq_length() == chunked.cache.get_seq_length() == 200
+    assert tail.shape == (1, 5, full.shape[-1])
+    assert torch.allclose(tail[0], full[-5:], atol=1e-4), "score gives every position's logits"
+    assert head.length == 200 and torch.equal(head.logits[0], tail[0, -1])
 
 
 def test_fingerprint_changes_with_weights_and_dtype(lm):
@@ -223,7 +224,7 @@ def test_load_by_path(tmp_path, tiny_dir):  # noqa: F811
 
 
 def test_method_specs_are_canonical():
-    from longreach.bench.runner import canonical_method
+    from longreach.bench.plan import canonical_method
 
     assert canonical_method("vanilla") == "vanilla"
     assert canonical_method("yarn:factor=4.0") == "yarn:factor=4"
@@ -256,11 +257,11 @@ def test_prefix_reuse_is_exact_for_methods_that_share(method, lm):
         assert method.split(":")[0] in ("streaming", "dynamic-ntk")
         return
     with apply_method(model, method), torch.inference_mode():
-        fresh, _ = _prefill(model, second, None, 0, None)
-        _, cache = _prefill(model, first, None, 0, None)
+        fresh = _prefill(model, second, None, 0, None).logits
+        cache = _prefill(model, first, None, 0, None).cache
         compat.crop_cache(cache, 450)
-        reused, _ = _prefill(model, second[450:], cache, 450, None)
-    assert torch.allclose(reused[0, -1], fresh[0, -1], atol=1e-5), method
+        reused = _prefill(model, second[450:], cache, 450, None).logits
+    assert torch.allclose(reused[0], fresh[0], atol=1e-5), method
 
 
 def test_out_of_memory_becomes_one_sentence():

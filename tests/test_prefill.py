@@ -96,3 +96,34 @@ def test_prefill_is_the_top_level_function():
     import longreach
 
     assert longreach.prefill is prefill and longreach.greedy is greedy
+
+
+def test_prefill_continues_a_cache_that_holds_past_tokens():
+    model = tiny_model("llama")
+    ids = _ids(1, 60)
+    whole = prefill(model, ids, chunk=60)
+    head = prefill(model, ids[:, :25], chunk=7)
+    rest = prefill(model, ids[:, 25:], chunk=7, cache=head.cache, past=25)
+    err = (rest.logits - whole.logits).abs().max().item()
+    assert err <= 1e-5, f"a prefill after 25 cached tokens differs from one pass by {err:.2e}"
+    assert rest.length == 60 and rest.cache.get_seq_length() == 60
+    with pytest.raises(LongreachError, match="needs the cache"):
+        prefill(model, ids, past=3)
+
+
+def test_greedy_stops_at_any_eos_id_and_at_the_stop_rule():
+    model = tiny_model("llama")
+    ids = _ids(1, 30)
+    free = greedy(model, prefill(model, ids), 12)[0].tolist()
+    third = free[2]
+    ended = greedy(model, prefill(model, ids), 12, {9999, third})[0].tolist()
+    assert ended == free[: free.index(third) + 1], f"stopped at {ended}, expected at {third}"
+    seen = []
+
+    def after_four(tokens):
+        seen.append(tokens.shape[1])
+        return tokens.shape[1] >= 4
+
+    stopped = greedy(model, prefill(model, ids), 12, stop=after_four)[0].tolist()
+    assert stopped == free[:4], f"stop rule gave {stopped}, expected {free[:4]}"
+    assert seen == [1, 2, 3, 4], f"stop saw lengths {seen}"

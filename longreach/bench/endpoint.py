@@ -44,15 +44,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from longreach.bench.grid import BenchConfig
-from longreach.bench.runner import (
-    BenchResult,
-    PlannedCell,
-    ProgressEvent,
-    ProgressFn,
-    build_plan,
-    library_versions,
-    load_tasks,
-)
+from longreach.bench.plan import ModelFacts, PlannedCell, build_plan, library_versions, load_tasks
+from longreach.bench.runner import BenchResult, ProgressEvent, ProgressFn
 from longreach.bench.store import Cell, ResultStore
 from longreach.errors import LongreachError
 from longreach.tasks import PromptFormat, Sample
@@ -528,25 +521,13 @@ class EndpointBackend:
         tokens = sample.n_tokens
         if self.counting == CHARS and answer.server_prompt_tokens:
             tokens = answer.server_prompt_tokens
-        return Cell(
-            model=self.served_model,
-            model_fingerprint=self.fingerprint,
-            method=self.method,
-            task=planned.task_spec,
-            prompt_format=planned.prompt_format,
-            length=planned.length,
-            depth=planned.depth,
-            seed=planned.seed,
-            idx=planned.idx,
-            metric=sample.metric,
+        facts = ModelFacts(self.served_model, self.fingerprint, self.trained_length)
+        return planned.cell(
+            facts,
+            sample,
             score=score,
-            expected=sample.expected,
             output=answer.output,
-            prompt=sample.prompt,
             context_tokens=tokens,
-            context_chars=sample.meta.get("context_chars"),
-            trained_length=self.trained_length,
-            shared_prefix_tokens=0,
             prefill_s=answer.ttft_s,
             decode_s=answer.decode_s if steps > 0 else None,
             new_tokens=answer.new_tokens,

@@ -29,27 +29,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from longreach.bench.grid import BenchConfig
-from longreach.bench.runner import (
-    BenchResult,
-    PlannedCell,
-    ProgressEvent,
-    ProgressFn,
-    build_plan,
-    library_versions,
-)
+from longreach.bench.plan import ModelFacts, PlannedCell, build_plan, library_versions
+from longreach.bench.runner import BenchResult, ProgressEvent, ProgressFn
 from longreach.bench.store import Cell, ResultStore
 from longreach.errors import LongreachError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the driver needs from a worker's model before it can plan: its name and identity."""
-
-    name: str
-    fingerprint: str
-    trained_length: int | None
 
 
 @dataclass(frozen=True)
@@ -159,7 +144,7 @@ class ModelBackend:
             return self._facts
         import torch
 
-        from longreach.bench.runner import model_fingerprint, model_trained_length
+        from longreach.bench.plan import model_facts
         from longreach.models import load
 
         if self.threads:
@@ -167,10 +152,7 @@ class ModelBackend:
         self._model, self._tokenizer = load(
             self.config.model, dtype=self.config.dtype, device=self.device
         )
-        name = str(getattr(self._model, "longreach_source", None) or self.config.model)
-        self._facts = ModelFacts(
-            name, model_fingerprint(self._model, self._tokenizer), model_trained_length(self._model)
-        )
+        self._facts = model_facts(self._model, self._tokenizer, self.config.model)
         return self._facts
 
     def _format(self) -> Any:
@@ -199,7 +181,7 @@ class ModelBackend:
         """Each cell finished or failed, in order; an error in one cell does not stop the rest."""
         import torch
 
-        from longreach.bench.runner import _run_method
+        from longreach.bench.runner import RunContext, run_cells
 
         facts = self.open()
         fmt = self._format()
@@ -212,13 +194,10 @@ class ModelBackend:
             self._use_method(method)
             while group:
                 collector = _Collector()
+                ctx = RunContext(self._model, self._tokenizer, fmt, self.config, facts, collector)
                 try:
                     with torch.inference_mode():
-                        _run_method(
-                            self._model, self._tokenizer, fmt, method, group, self.config,
-                            collector, 0, facts.name, facts.fingerprint, facts.trained_length,
-                            _ignore, 0, 0, 0,
-                        )  # fmt: skip
+                        run_cells(ctx, method, group)
                     out += collector.cells
                     group = []
                 except Exception as exc:  # noqa: BLE001 - recorded with the cell, the run goes on
@@ -242,25 +221,10 @@ class ExecutorResult(BenchResult):
 
 def failure_cell(planned: PlannedCell, facts: ModelFacts, failure: CellFailure) -> Cell:
     """The stored row of a cell that failed for good: no score, the error in ``meta``."""
-    return Cell(
-        model=facts.name,
-        model_fingerprint=planned.fingerprint,
-        method=planned.method,
-        task=planned.task_spec,
-        prompt_format=planned.prompt_format,
-        length=planned.length,
-        depth=planned.depth,
-        seed=planned.seed,
-        idx=planned.idx,
-        metric=planned.task.metric,
-        score=None,
-        expected=[],
-        output="",
-        prompt="",
-        context_tokens=0,
-        trained_length=facts.trained_length,
+    return planned.cell(
+        facts, None, score=None, output="",
         meta={"error": failure.error, "attempts": failure.attempts},
-    )
+    )  # fmt: skip
 
 
 def run_bench_on(

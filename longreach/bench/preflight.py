@@ -57,7 +57,7 @@ def raise_all(problems: list[str], where: str) -> None:
 
 def check_config(config: BenchConfig) -> tuple[list[str], list[Any]]:
     """The grid's canonical method specs and tasks; raises once for every bad input."""
-    from longreach.bench.runner import canonical_method, load_tasks
+    from longreach.bench.plan import canonical_method, load_tasks
     from longreach.bench.store import stored_keys
 
     problems = list(config.problems())

@@ -32,7 +32,7 @@ from longreach.bench.executors import (
     Outcome,
     one_line,
 )
-from longreach.bench.runner import PlannedCell
+from longreach.bench.plan import PlannedCell
 from longreach.errors import LongreachError
 
 log = logging.getLogger(__name__)

@@ -158,8 +158,8 @@ def run_demo(console: Console, out: Any, model: str | None = None) -> None:
     from pathlib import Path
 
     from longreach.bench.demo import DEMO_MODEL, demo_configs
+    from longreach.bench.plan import model_trained_length
     from longreach.bench.report import write_report
-    from longreach.bench.runner import model_trained_length
     from longreach.models import load
 
     started = time.perf_counter()

@@ -1,6 +1,7 @@
-"""The bench runner: grid -> samples -> greedy answers -> scored, costed cells in SQLite.
+"""The bench runner: planned cells -> samples -> greedy answers -> scored, costed cells.
 
-For each method (applied with ``longreach.extend``), task, length, sample index and depth the
+``longreach.bench.plan`` decides what a run computes (the model's identity, the grid of
+cells and their keys); this module computes it in-process. For each method (applied with ``longreach.extend``), task, length, sample index and depth the
 runner generates the sample with the model's own tokenizer, prefills it, decodes greedily
 until the task says the answer is complete (or EOS, or the task's token limit), scores it and
 stores the cell with its cost: prefill seconds, decode tokens per second, peak memory.
@@ -12,191 +13,36 @@ prefix records how many tokens it reused; the report's cost plots use only cells
 reused none. Methods whose cache is a policy, or whose positions depend on the whole input
 length (dynamic NTK), never share.
 
+Prefill and decoding are ``longreach.prefill``'s (``prefill``, ``greedy``, ``score``): the
+bench measures exactly what a library user runs. What a method allows (sharing a prefix,
+changing the cache) comes from the traits it declares, never from its name.
+
 Library code: it reports progress through a callback and never prints.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from longreach import compat
 from longreach.bench.cost import PeakMemory, Timer
-from longreach.bench.grid import BenchConfig, format_length
-from longreach.bench.store import Cell, ResultStore, cell_key, stored_keys
+from longreach.bench.grid import BenchConfig
+from longreach.bench.plan import ModelFacts, PlannedCell, build_plan, library_versions, model_facts
+from longreach.bench.store import Cell, ResultStore, stored_keys
 from longreach.errors import LongreachError
-from longreach.tasks import RAW, FileTask, PromptFormat, Sample, Task, get_task
+from longreach.prefill import Prefill, greedy, prefill, score
+from longreach.tasks import PromptFormat, Sample, Task
 
 log = logging.getLogger(__name__)
-
-# Methods whose output for a prompt depends on more than the prompt's prefix so far.
-# --------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class PlannedCell:
-    method: str
-    task: Task
-    task_spec: str
-    prompt_format: str
-    length: int
-    depth: float | None
-    seed: int
-    idx: int
-    fingerprint: str  # the model's
-
-    @property
-    def key(self) -> str:
-        """The store key: what identifies this cell's result across runs."""
-        return cell_key(
-            self.fingerprint,
-            self.method,
-            self.task_spec,
-            self.prompt_format,
-            self.length,
-            self.depth,
-            self.seed,
-            self.idx,
-        )
-
-    def describe(self) -> str:
-        depth = "" if self.depth is None else f" · depth {self.depth:g}"
-        return (
-            f"{self.method} · {self.task.name} · {format_length(self.length)}{depth} · #{self.idx}"
-        )
-
-
-def canonical_method(spec: str) -> str:
-    """A method spec in canonical form: validated, parameters sorted, naming every parameter
-    that differs from its default or that the user wrote (``yarn:factor=4`` stays that even
-    when 4 is the default, so the key does not change meaning if the default does)."""
-    from longreach.methods import build_method, parse_spec
-
-    built = build_method(spec)
-    _, given = parse_spec(spec)
-    name, _, rest = built.to_spec().partition(":")
-    params = dict(item.split("=", 1) for item in rest.split(",") if item)
-    for key in given:
-        if key not in params:
-            value = getattr(built, key)
-            params[key] = (
-                str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-            )
-    return name + (":" + ",".join(f"{k}={params[k]}" for k in sorted(params)) if params else "")
-
-
-def load_tasks(config: BenchConfig) -> list[Task]:
-    tasks: list[Task] = [get_task(spec, config.haystack) for spec in config.tasks]
-    tasks += [FileTask.load(path) for path in config.task_files]
-    unique: dict[str, Task] = {}
-    for task in tasks:
-        unique.setdefault(task.spec(), task)
-    return list(unique.values())
-
-
-def build_plan(
-    config: BenchConfig, methods: list[str], tasks: list[Task], fingerprint: str
-) -> list[PlannedCell]:
-    """Every cell of the grid, in run order: method, task, length, sample index, depth."""
-    fmt = "chat" if config.chat else RAW
-    cells = []
-    for method in methods:
-        for task in tasks:
-            spec = task.spec()
-            prompt_format = fmt if task.metric != "perplexity" else RAW
-            depths: list[float | None] = list(config.depths) if task.uses_depth else [None]
-            samples = config.samples
-            if isinstance(task, FileTask):
-                samples = min(samples, len(task.rows))
-            for length in config.lengths:
-                for idx in range(samples):
-                    for depth in depths:
-                        cells.append(
-                            PlannedCell(
-                                method,
-                                task,
-                                spec,
-                                prompt_format,
-                                length,
-                                depth,
-                                config.seed,
-                                idx,
-                                fingerprint,
-                            )
-                        )
-    return cells
-
-
-# --------------------------------------------------------------------------- model facts
-
-
-def model_fingerprint(model: torch.nn.Module, tokenizer: Any) -> str:
-    """16 hex digits that change when the config, the weights, the tokenizer or the dtype change.
-
-    The weights enter through a fixed sample of each tensor (first, last and 256 strided
-    values), cheap even for large models.
-    """
-    digest = hashlib.sha256()
-    config = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-        config.pop(volatile, None)
-    config = {k: v for k, v in config.items() if not k.startswith("_attn_implementation")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // 256)
-            sample = torch.cat([flat[:64], flat[-64:], flat[::step][:256]]).float().cpu()
-            digest.update(name.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(sample.numpy().tobytes())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = (
-        backend.to_str()
-        if backend is not None
-        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    )
-    digest.update(vocab.encode())
-    digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
-    digest.update(str(next(model.parameters()).dtype).encode())
-    return digest.hexdigest()[:16]
-
-
-def model_trained_length(model: torch.nn.Module) -> int | None:
-    from longreach.models.info import trained_length
-
-    try:
-        return trained_length(model)
-    except ValueError:
-        return None
-
-
-def library_versions() -> dict[str, str]:
-    import tokenizers
-    import transformers
-
-    import longreach
-
-    return {
-        "longreach": longreach.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "tokenizers": tokenizers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
 
 # --------------------------------------------------------------------------- progress
 
@@ -239,49 +85,12 @@ def result_cells(result: BenchResult) -> list[Cell]:
 # --------------------------------------------------------------------------- decoding
 
 
-def _forward(
-    model: torch.nn.Module, ids: list[int], cache: Any, past: int, keep: int
-) -> tuple[torch.Tensor, Any]:
-    device = model.device
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    kwargs = compat.forward_kwargs(model, cache, past, len(ids), device)
-    if compat.takes_logits_to_keep(model):
-        kwargs["logits_to_keep"] = keep
-    out = model(input_ids=x, use_cache=True, **kwargs)
-    return out.logits, compat.output_cache(out)
-
-
-def _library_prefill() -> Callable[..., Any] | None:
-    """``longreach.prefill.prefill`` (chunked prefill) when this build has it."""
-    try:
-        from longreach.prefill import prefill
-    except ImportError:
-        return None
-    return prefill
-
-
 def _prefill(
-    model: torch.nn.Module, ids: list[int], cache: Any, past: int, chunk: int | None, keep: int = 1
-) -> tuple[torch.Tensor, Any]:
-    """Run ``ids`` through the model after ``past`` cached tokens; logits of the last ``keep``.
-
-    With ``chunk``, the input goes through in chunks of that many tokens (activation memory
-    bounded by the chunk) using ``longreach.prefill`` when it is available; the logits
-    requested come from the last chunk.
-    """
-    if not chunk or len(ids) <= chunk:
-        return _forward(model, ids, cache, past, keep)
-    library = _library_prefill()
-    if library is not None and cache is None and past == 0 and keep == 1:
-        state = library(model, torch.tensor([ids], device=model.device), chunk=chunk)
-        return state.logits[:, None, :], state.cache
-    # The same loop, for a cache that already holds a shared prefix or several kept logits.
-    tail = max(keep, 1)
-    body, rest = ids[: len(ids) - tail], ids[len(ids) - tail :]
-    for start in range(0, len(body), chunk):
-        part = body[start : start + chunk]
-        _, cache = _forward(model, part, cache, past + start, 1)
-    return _forward(model, rest, cache, past + len(body), keep)
+    model: torch.nn.Module, ids: list[int], cache: Any, past: int, chunk: int | None
+) -> Prefill:
+    """``ids`` through the model after the ``past`` tokens ``cache`` holds, ``chunk`` per forward."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    return prefill(model, x, chunk or len(ids), cache=cache, past=past)
 
 
 class _SharedPrefix:
@@ -355,27 +164,22 @@ def _answer(
     ids = sample.input_ids
     cache, shared = shared_prefix.take(ids)
     t0 = timer.now()
-    logits, cache = _prefill(model, ids[shared:], cache, shared, chunk)
+    state = _prefill(model, ids[shared:], cache, shared, chunk)
     prefill_s = timer.now() - t0
-    generated = [int(logits[0, -1].argmax())]
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    steps = 0
+
+    def complete(tokens: torch.Tensor) -> bool:
+        return task.is_complete(sample, tokenizer.decode(tokens[0], skip_special_tokens=True))
+
     t1 = timer.now()
-    while (
-        len(generated) < sample.max_new_tokens
-        and generated[-1] not in eos
-        and not task.is_complete(sample, text)
-    ):
-        logits, cache = _forward(model, [generated[-1]], cache, len(ids) + len(generated) - 1, 1)
-        generated.append(int(logits[0, -1].argmax()))
-        steps += 1
-        text = tokenizer.decode(generated, skip_special_tokens=True)
+    new = greedy(model, state, sample.max_new_tokens, eos, stop=complete)[0].tolist()
     decode_s = timer.now() - t1
-    shared_prefix.keep(ids, cache)
+    steps = len(new) - 1  # forwards: the first token comes from the prefill's logits
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    shared_prefix.keep(ids, state.cache)
     return _Outcome(
         output=text,
         score=float(task.score(sample, text)),
-        new_tokens=len(generated),
+        new_tokens=len(new),
         prefill_s=prefill_s,
         decode_s=decode_s if steps else None,
         decode_tok_s=steps / decode_s if steps and decode_s > 0 else None,
@@ -392,13 +196,15 @@ def _perplexity(
     n = int(sample.meta["scored_tokens"])
     split = len(ids) - n - 1
     t0 = timer.now()
-    cache = None
     if split > 0:
-        _, cache = _prefill(model, ids[:split], None, 0, chunk)
-    logits, _ = _prefill(model, ids[split:], cache, split, None, keep=0)
+        state = _prefill(model, ids[:split], None, 0, chunk)
+    else:
+        split, state = 0, Prefill(None, torch.empty(0), 0)
+    x = torch.tensor([ids[split:]], dtype=torch.long, device=model.device)
+    logits = score(model, state, x)
     prefill_s = timer.now() - t0
     targets = torch.tensor(ids[split + 1 :], device=logits.device)
-    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets).item()
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], targets).item()
     ppl = math.exp(min(nll, 700.0))
     return _Outcome(
         output=f"nll={nll:.4f}",
@@ -441,15 +247,35 @@ def _method_shares_prefix(method: str) -> bool:
 
 
 def apply_method(model: torch.nn.Module, method: str) -> AbstractContextManager[Any]:
-    """``longreach.extend(model, method)`` as a context manager; vanilla changes nothing."""
-    if method == "vanilla":
-        return nullcontext()
+    """``longreach.extend(model, method)`` as a context manager (vanilla installs nothing)."""
     from longreach.extend import extend
 
     return extend(model, method)
 
 
 # --------------------------------------------------------------------------- the run
+
+
+class CellSink(Protocol):
+    """Where finished cells go: the result store, or an executor worker's collector."""
+
+    def add(self, cell: Cell, run_id: int) -> Any: ...
+
+
+@dataclass
+class RunContext:
+    """What every cell of a run shares: the model, how prompts are formatted, where cells go."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    fmt: PromptFormat
+    config: BenchConfig
+    facts: ModelFacts
+    sink: CellSink
+    run_id: int | None = None
+    emit: ProgressFn = lambda event: None  # noqa: E731 - a default that ignores progress
+    total: int = 0  # cells in the grid, for progress
+    skipped: int = 0  # of which already stored
 
 
 def run_bench(
@@ -481,36 +307,35 @@ def run_bench(
             from longreach.models import load
 
             model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-        name = str(getattr(model, "longreach_source", None) or config.model)
-        fingerprint = model_fingerprint(model, tokenizer)
-        trained = model_trained_length(model)
-        tasks = preflight.fit_tasks(tasks, trained)
-        plan = build_plan(config, methods, tasks, fingerprint)
+        facts = model_facts(model, tokenizer, config.model)
+        tasks = preflight.fit_tasks(tasks, facts.trained_length)
+        plan = build_plan(config, methods, tasks, facts.fingerprint)
         done = stored_keys(config.db)
         todo = [c for c in plan if c.key not in done]
         skipped = len(plan) - len(todo)
         emit = progress or (lambda event: None)
         emit(ProgressEvent("plan", len(plan), skipped, skipped))
+        computed = 0
         run_id = None  # a rerun with nothing to compute writes nothing
-        fmt = preflight.check_cells(model, tokenizer, config, todo) if todo else None
         if todo:
+            fmt = preflight.check_cells(model, tokenizer, config, todo)
             store = ResultStore(config.db)
             run_id = store.start_run(
-                name, fingerprint, dict(config.to_dict(), methods=methods), library_versions()
+                facts.name, facts.fingerprint, dict(config.to_dict(), methods=methods),
+                library_versions(),
+            )  # fmt: skip
+            ctx = RunContext(
+                model, tokenizer, fmt, config, facts, store, run_id, emit, len(plan), skipped
             )
-        computed = 0
-        for method, cells in _by_method(todo):
-            with apply_method(model, method), torch.inference_mode():
-                computed += _run_method(
-                    model, tokenizer, fmt, method, cells, config, store, run_id, name,
-                    fingerprint, trained, emit, len(plan), skipped + computed, skipped,
-                )  # fmt: skip
+            for method, cells in _by_method(todo):
+                with apply_method(model, method), torch.inference_mode():
+                    computed += run_cells(ctx, method, cells, done=skipped + computed)
         return BenchResult(
             db=Path(config.db),
             run_id=run_id,
-            model=name,
-            model_fingerprint=fingerprint,
-            trained_length=trained,
+            model=facts.name,
+            model_fingerprint=facts.fingerprint,
+            trained_length=facts.trained_length,
             total=len(plan),
             skipped=skipped,
             computed=computed,
@@ -529,24 +354,14 @@ def _by_method(cells: list[PlannedCell]) -> Iterator[tuple[str, list[PlannedCell
     yield from order.items()
 
 
-def _run_method(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    fmt: PromptFormat | None,
-    method: str,
-    cells: list[PlannedCell],
-    config: BenchConfig,
-    store: ResultStore,
-    run_id: int | None,
-    name: str,
-    fingerprint: str,
-    trained: int | None,
-    emit: ProgressFn,
-    total: int,
-    done: int,
-    skipped: int,
-) -> int:
-    assert fmt is not None
+def run_cells(ctx: RunContext, method: str, cells: list[PlannedCell], done: int = 0) -> int:
+    """Compute ``cells`` (all of ``method``, which the caller has applied) into ``ctx.sink``.
+
+    Consecutive cells share their common prefix when the method allows it. Returns the
+    number of cells computed; an error stops at the failing cell (the earlier ones are in
+    the sink). ``done`` is the progress count before the first cell.
+    """
+    model, tokenizer, config = ctx.model, ctx.tokenizer, ctx.config
     device = model.device
     memory, timer = PeakMemory(device), Timer(device)
     shared_prefix = _SharedPrefix(config.share_prefix and _method_shares_prefix(method))
@@ -554,9 +369,10 @@ def _run_method(
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     computed = 0
     for planned in cells:
-        emit(ProgressEvent("start", total, done + computed, skipped, planned.describe()))
+        count = done + computed
+        ctx.emit(ProgressEvent("start", ctx.total, count, ctx.skipped, planned.describe()))
         sample = planned.task.generate(
-            fmt, planned.length, planned.depth, planned.seed, planned.idx
+            ctx.fmt, planned.length, planned.depth, planned.seed, planned.idx
         )
         memory.reset()
         try:
@@ -572,24 +388,11 @@ def _run_method(
         except BaseException:
             shared_prefix.clear()
             raise
-        cell = Cell(
-            model=name,
-            model_fingerprint=fingerprint,
-            method=method,
-            task=planned.task_spec,
-            prompt_format=planned.prompt_format,
-            length=planned.length,
-            depth=planned.depth,
-            seed=planned.seed,
-            idx=planned.idx,
-            metric=sample.metric,
+        cell = planned.cell(
+            ctx.facts,
+            sample,
             score=outcome.score,
-            expected=sample.expected,
             output=outcome.output,
-            prompt=sample.prompt,
-            context_tokens=sample.n_tokens,
-            context_chars=sample.meta.get("context_chars"),
-            trained_length=trained,
             shared_prefix_tokens=outcome.shared,
             prefill_s=outcome.prefill_s,
             decode_s=outcome.decode_s,
@@ -601,9 +404,9 @@ def _run_method(
             dtype=dtype,
             meta={**sample.meta, **outcome.extra},
         )
-        store.add(cell, run_id)
+        ctx.sink.add(cell, ctx.run_id)
         computed += 1
-        emit(ProgressEvent("done", total, done + computed, skipped, planned.describe(), cell))
+        ctx.emit(ProgressEvent("done", ctx.total, count + 1, ctx.skipped, planned.describe(), cell))
     return computed
 
 

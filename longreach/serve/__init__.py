@@ -77,7 +77,7 @@ def build_app(config: ServeConfig, model: Any = None, tokenizer: Any = None) -> 
             f"`longreach serve` needs the serve extra ({exc.name} is missing): "
             "pip install 'longreach[serve]'."
         ) from None
-    from longreach.bench.runner import canonical_method
+    from longreach.bench.plan import canonical_method
     from longreach.methods import build_method
     from longreach.methods.base import CACHE
     from longreach.serve.app import ServeInfo, create_app
@@ -98,11 +98,10 @@ def build_app(config: ServeConfig, model: Any = None, tokenizer: Any = None) -> 
         from longreach.models import load
 
         model, tokenizer = load(config.model, dtype=config.dtype)
-    if spec != "vanilla":
-        from longreach.extend import extend
+    from longreach.extend import extend
 
-        extend(model, spec)  # for the server's lifetime
-    from longreach.bench.runner import model_trained_length
+    extend(model, spec)  # for the server's lifetime (vanilla installs nothing)
+    from longreach.bench.plan import model_trained_length
 
     max_len = config.max_model_len or served_length(method, model)
     engine = Engine(
