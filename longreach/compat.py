@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -194,6 +195,65 @@ def cpu_flash_attention() -> Any:
     """
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     return op
+
+
+_FLEX: dict[str, Any] = {}
+
+
+def flex_attention(device: torch.device) -> Any:
+    """``torch.nn.attention.flex_attention`` as ``f(q, k, v, block_mask, scale) -> (o, lse)``.
+
+    Grouped-query attention is native (``enable_gqa``: K/V are never repeated per query
+    head); ``lse`` is each row's natural-log log-sum-exp of its scaled scores, fp32, -inf
+    for a row that sees no key (its output is 0). On CUDA the function is compiled once
+    (``torch.compile``, dynamic shapes) into fused kernels; elsewhere it runs eagerly, which
+    materialises each call's scores and is only for checking exactness. None when this
+    torch has no flex attention (torch < 2.5). torch >= 2.9 asks for the log-sum-exp with
+    ``return_aux=AuxRequest(lse=True)``; older versions with ``return_lse=True``.
+    """
+    try:
+        from torch.nn.attention import flex_attention as module
+    except ImportError:
+        return None
+    kind = "cuda" if device.type == "cuda" else "eager"
+    fn = _FLEX.get(kind)
+    if fn is not None:
+        return fn
+    raw = module.flex_attention
+    if kind == "cuda":
+        raw = torch.compile(raw, dynamic=True)
+    aux = getattr(module, "AuxRequest", None)
+
+    def call(q, k, v, block_mask, scale):
+        if kind == "eager":  # torch warns that eager flex is unfused: known, it is a check
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return fused(q, k, v, block_mask, scale)
+        return fused(q, k, v, block_mask, scale)
+
+    def fused(q, k, v, block_mask, scale):
+        if aux is not None:
+            out, extra = raw(
+                q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                return_aux=aux(lse=True),
+            )  # fmt: skip
+            return out, extra.lse
+        return raw(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+
+    _FLEX[kind] = call
+    return call
+
+
+def flex_block_mask(
+    kv_num_blocks, kv_indices, full_num_blocks, full_indices, block, mask_mod, q_len, kv_len
+):
+    """A flex ``BlockMask`` from block tables (B, H, q blocks[, kv blocks]) and a ``mask_mod``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_num_blocks, full_indices,
+        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
+    )  # fmt: skip
 
 
 def mask_query_range(mask_kwargs: dict[str, Any]) -> tuple[int, int]:

@@ -20,9 +20,11 @@ from longreach.attention import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# (device, backend): both CPU backends everywhere; on CUDA the batched torch path.
-BACKENDS = [("cpu", "flash_cpu"), ("cpu", "torch")] + [
-    ("cuda", "torch")
+# (device, backend): every backend on CPU (flex attention runs eagerly there: the same
+# block masks as on CUDA, without the compiled kernel); on CUDA the flex and torch paths.
+BACKENDS = [("cpu", "flash_cpu"), ("cpu", "torch"), ("cpu", "flex")] + [
+    ("cuda", "flex"),
+    ("cuda", "torch"),
 ] * torch.cuda.is_available()
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 

@@ -16,10 +16,12 @@ Two backends compute a piece:
   grouped-query attention natively (K/V are never repeated per query head), causal squares
   via ``is_causal`` and returns the log-sum-exp; bf16 and fp32. UPPER squares run it on
   reversed rows and keys (a copy of ``block`` rows, not of the sequence).
+- ``"flex"``: the whole plan as one ``torch.nn.attention.flex_attention`` call per position
+  set, its ``BlockMask`` built from the plan's regions (:mod:`longreach.attention.flex`);
+  compiled into fused kernels on CUDA, the default there.
 - ``"torch"``: batched matmuls in fp32 over key tiles of ``key_tile`` columns, with the
-  query heads of a group stacked as rows (again no K/V repeat). This is the CUDA path and
-  the fallback anywhere the flash op is missing; memory per call is
-  ``block x heads x key_tile`` floats.
+  query heads of a group stacked as rows (again no K/V repeat). The fallback anywhere the
+  other two are missing; memory per call is ``block x heads x key_tile`` floats.
 
 No tensor larger than ``block x (keys of one piece)`` scores ever exists; key padding is
 applied as a ``(batch, 1, 1, keys)`` additive row per piece, and only on pieces that
@@ -93,8 +95,11 @@ class KeyPadding:
 
 
 def default_backend(device: torch.device) -> str:
+    """``flash_cpu`` on CPU, ``flex`` (flex attention, compiled) on CUDA, else ``torch``."""
     if device.type == "cpu" and compat.cpu_flash_attention() is not None:
         return "flash_cpu"
+    if device.type == "cuda" and compat.flex_attention(device) is not None:
+        return "flex"
     return "torch"
 
 
@@ -139,11 +144,11 @@ def block_attention(
         backend = default_backend(query.device)
     if backend == "flash_cpu":
         run = _piece_flash_cpu
-    elif backend == "torch":
+    elif backend in ("torch", "flex"):
         run = _piece_torch
     else:
         raise ValueError(
-            f"unknown attention backend {backend!r}; choose 'auto', 'flash_cpu' or 'torch'"
+            f"unknown attention backend {backend!r}; choose 'auto', 'flash_cpu', 'flex' or 'torch'"
         )
     sets = [PositionSet(query, key, 0), *position_sets]
     missing = plan.psets - set(range(len(sets)))
@@ -151,6 +156,10 @@ def block_attention(
         raise ValueError(
             f"the plan uses position sets {sorted(missing)} but only {len(sets) - 1} extra were given"
         )
+    if backend == "flex":
+        from longreach.attention.flex import flex_block_attention
+
+        return flex_block_attention(query, key, value, plan, sets, scale, padding, return_lse)
 
     out = torch.empty(bsz, q_len, hq, dv, dtype=query.dtype, device=query.device).transpose(1, 2)
     lse_out = (

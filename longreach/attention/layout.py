@@ -127,6 +127,9 @@ class Plan:
     kv_len: int
     q_offset: int
     tiles: tuple[Tile, ...]
+    # The regions the plan was compiled from (what a fused backend such as flex attention
+    # reads instead of the pieces); empty for a plan assembled from pieces directly.
+    regions: tuple[Region, ...] = ()
 
     @property
     def pairs(self) -> int:
@@ -302,7 +305,7 @@ def plan(
         t0 = t1
     if coalesce:
         tiles = _coalesce(tiles)
-    return Plan(q_len, kv_len, q_offset, tuple(tiles))
+    return Plan(q_len, kv_len, q_offset, tuple(tiles), tuple(regions))
 
 
 def _causal_shape(tile: Tile) -> tuple[int, int, int] | None:
