@@ -320,3 +320,160 @@ def infllm_attention(
         return out[None].to(query.dtype).transpose(1, 2).contiguous(), None
 
     return attention
+
+
+# --------------------------------------------------------------------------- eviction
+
+
+def eviction_attention(
+    *,
+    policy: str,
+    budget: int,
+    calls: Sequence[int],
+    sinks: int = 0,
+    recent: int = 0,
+    per_head: bool = True,
+    window: int = 64,
+    kernel: int = 5,
+    kept: dict | None = None,
+):
+    """H2O / SnapKV simulated in float64 on a whole sequence split into model calls.
+
+    For each call [p0, p1): a query i sees the tokens its layer kept after the previous
+    call and the tokens p0 .. i. Then every token of the layer gets its score: ``h2o`` adds
+    the probability every query of the call gave it (summed over the query heads of its KV
+    head); ``snapkv`` replaces it with the probability from the call's last ``window``
+    queries, max-pooled over ``kernel`` neighbours in cache order among the tokens before
+    the newest ``window``. When more than ``budget`` tokens are held (and the call is not a
+    single decoded token under snapkv) the layer keeps the ``sinks`` first and ``recent``
+    last tokens in cache order and the best-scored others (per KV head, or by the sum over
+    heads). ``kept``, if a dict, receives {layer: [positions kept, per KV head]}.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k, v = query[0].double(), key[0].double(), value[0].double()
+        hq, n, d = q.shape
+        hkv = k.shape[0]
+        g = hq // hkv
+        scale = scaling if scaling is not None else d**-0.5
+        out = torch.zeros(hq, n, v.shape[-1], dtype=torch.float64)
+        resident: list[list[int]] = [[] for _ in range(hkv)]
+        scores: list[dict[int, float]] = [{} for _ in range(hkv)]
+        bounds = [*calls, n]
+        for p0, p1 in zip(bounds, bounds[1:], strict=False):
+            for h in range(hkv):
+                slots = resident[h] + list(range(p0, p1))
+                idx = torch.tensor(slots)
+                heads = slice(h * g, (h + 1) * g)
+                logits = (q[heads, p0:p1] @ k[h, idx].T) * scale  # (g, rows, S)
+                row_pos = torch.arange(p0, p1)[:, None]
+                visible = (idx[None, :] < p0) | (idx[None, :] <= row_pos)
+                p = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+                out[heads, p0:p1] = p @ v[h, idx]
+                got = (
+                    p.sum((0, 1)) if policy == "h2o" else p[:, -min(window, p1 - p0) :].sum((0, 1))
+                )
+                if policy == "h2o":
+                    for slot, pos in enumerate(slots):
+                        scores[h][pos] = scores[h].get(pos, 0.0) + float(got[slot])
+                else:
+                    cut = len(slots) - window
+                    pooled = got.clone()
+                    for a in range(max(0, cut)):
+                        lo, hi = max(0, a - kernel // 2), min(cut, a + kernel // 2 + 1)
+                        pooled[a] = got[lo:hi].max()
+                    scores[h] = {pos: float(pooled[s]) for s, pos in enumerate(slots)}
+                resident[h] = slots
+            held = len(resident[0])
+            if held > budget and not (policy == "snapkv" and p1 - p0 == 1):
+                keep_recent = window if policy == "snapkv" else recent
+                middle = budget - sinks - keep_recent
+                rank = [
+                    torch.tensor(
+                        [scores[h][pos] for pos in resident[h][sinks : held - keep_recent]]
+                    )
+                    for h in range(hkv)
+                ]
+                if not per_head:
+                    rank = [sum(rank)] * hkv
+                for h in range(hkv):
+                    mid = resident[h][sinks : held - keep_recent]
+                    top = sorted(rank[h].topk(middle).indices.tolist())
+                    resident[h] = (
+                        resident[h][:sinks]
+                        + [mid[t] for t in top]
+                        + resident[h][held - keep_recent :]
+                    )
+        if kept is not None:
+            kept[module.layer_idx] = [list(r) for r in resident]
+        return out[None].to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def sirllm_logits(model, input_ids, *, calls, budget, sinks, recent, inv_freq):
+    """SirLLM (Yao et al., 2024) simulated call by call in float64; returns (logits, kept).
+
+    Before call c the cache holds ``kept[c]`` (positions, in order; all layers alike). A
+    query i of a call [p0, p1) sees those tokens and p0 .. i, every token at its slot in
+    that cache (the kept ones at 0 .. R-1, the call's at R + (j - p0)), keys and query
+    rotated by slot. After the call each of its tokens gets its surprisal
+    -log p(token | before) from the logits (the first token of the sequence: +inf), and
+    when more than ``budget`` tokens are held the cache keeps the ``sinks`` first, the
+    ``recent`` last and the most surprising others, in cache order. Each call's logits come
+    from a forward over the whole prefix with this rule (earlier calls' rows are unchanged).
+    """
+    n = input_ids.shape[1]
+    bounds = [*calls, n]
+    steps = list(zip(bounds, bounds[1:], strict=False))
+    kept: list[list[int]] = [[]]
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k = _raw(query, key, inv_freq)
+        g = q.shape[1] // k.shape[1]
+        kk, vv = k.repeat_interleave(g, dim=1), value.double().repeat_interleave(g, dim=1)
+        out = torch.zeros(q.shape[0], q.shape[1], q.shape[2], vv.shape[-1], dtype=torch.float64)
+        for c, (p0, p1) in enumerate(steps[: len(kept)]):
+            if p0 >= q.shape[2]:
+                break
+            for i in range(p0, min(p1, q.shape[2])):
+                cache = kept[c] + list(range(p0, i + 1))
+                slot = torch.arange(len(cache))
+                keys = rope64(kk[:, :, cache], slot, inv_freq)
+                qi = rope64(q[:, :, i : i + 1], slot[-1:], inv_freq)
+                w = torch.softmax((qi @ keys.transpose(-1, -2)) * scaling, dim=-1)
+                out[:, :, i : i + 1] = w @ vv[:, :, cache]
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    logits = None
+    score: dict[int, float] = {}
+    for c, (p0, p1) in enumerate(steps):
+        logits = reference_logits(model, input_ids[:, :p1], attention)
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        for j in range(p0, p1):
+            score[j] = float("inf") if j == 0 else -float(logp[j - 1, input_ids[0, j]])
+        held = kept[c] + list(range(p0, p1))
+        if len(held) > budget:
+            mid = held[sinks : len(held) - recent]
+            ranks = torch.tensor([score[j] for j in mid])
+            top = sorted(ranks.topk(budget - sinks - recent).indices.tolist())
+            held = held[:sinks] + [mid[t] for t in top] + held[len(held) - recent :]
+        kept.append(held)
+    return logits, kept[-1]
+
+
+def spans_attention(full: set, window: int):
+    """Spans (MASFormer) without training: causal at the ``full`` layers, elsewhere the
+    ``window`` newest tokens (the query included), true positions everywhere."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        n = query.shape[-2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        visible = j <= i
+        if module.layer_idx not in full:
+            visible = visible & (i - j < window)
+        g = query.shape[1] // key.shape[1]
+        scores = (query.double() @ key.double().repeat_interleave(g, 1).transpose(-1, -2)) * scaling
+        return _finish(scores, visible, value, query)
+
+    return attention

@@ -7,11 +7,15 @@ importing it below.
 
 from longreach.methods import (  # noqa: F401 - register
     dynamic_ntk,
+    h2o,
     infllm,
     lm_infinite,
     ntk,
     pi,
     self_extend,
+    sirllm,
+    snapkv,
+    spans,
     streaming,
     truncated,
     vanilla,
