@@ -20,15 +20,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from longreach.extend import extend
     from longreach.models import load
     from longreach.prefill import greedy, prefill
+    from longreach.session import Session
 
 _LAZY = {
     "extend": "longreach.extend",
     "load": "longreach.models",
     "prefill": "longreach.prefill",
     "greedy": "longreach.prefill",
+    "Session": "longreach.session",
 }
 
-__all__ = ["LongreachError", "__version__", "extend", "greedy", "load", "prefill"]
+__all__ = ["LongreachError", "Session", "__version__", "extend", "greedy", "load", "prefill"]
 
 
 def __getattr__(name: str) -> Any:

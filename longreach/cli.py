@@ -328,6 +328,68 @@ def serve(
 
 @app.command()
 @one_line_errors
+def chat(
+    model: str = typer.Option(
+        "lab", "--model", "-m", help="Model alias or local Hugging Face directory."
+    ),
+    method: str = typer.Option(
+        "vanilla", "--method", help="Method spec, e.g. sirllm:budget=2048 or streaming."
+    ),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer, in tokens."),
+    chunk: int = typer.Option(1024, "--chunk", help="Prefill chunk of a turn, in tokens."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32."),
+    plain: bool = typer.Option(
+        False, "--plain", help="A plain-text transcript instead of the chat template."
+    ),
+    threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
+) -> None:
+    """Chat in the terminal; the conversation stays in the method's cache (Ctrl-D quits)."""
+    from longreach.bench.render import set_threads
+    from longreach.extend import extend
+    from longreach.models import load
+    from longreach.session import Session
+
+    set_threads(threads)
+    with console.status(f"loading {model}"):
+        lm, tokenizer = load(model, dtype=dtype)
+        extend(lm, method)
+        session = Session(
+            lm, tokenizer, chunk=chunk, max_new_tokens=max_new_tokens,
+            chat=False if plain else None,
+        )  # fmt: skip
+    console.print(
+        f"longreach chat · {model} · {method} · Ctrl-D quits", highlight=False, soft_wrap=True
+    )
+    while True:
+        try:
+            text = console.input("[bold]> [/bold]")
+        except EOFError:
+            console.print()
+            break
+        if not text.strip():
+            continue
+
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        session.say(text, on_text=show)
+        sys.stdout.write("\n")
+        console.print(_chat_status(session), style="dim", highlight=False, soft_wrap=True)
+
+
+def _chat_status(session: Any) -> str:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return (
+        f"tokens seen {session.seen:,} · cache {session.cache_tokens:,} tokens, "
+        f"{session.cache_bytes / 2**20:.1f} MiB · peak RSS {peak / 2**20:,.0f} MiB"
+    )
+
+
+@app.command()
+@one_line_errors
 def report(
     db: str = typer.Option(
         "runs.db", "--db", help="SQLite results file written by `longreach bench`."

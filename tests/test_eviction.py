@@ -165,13 +165,11 @@ def test_sirllm_with_a_large_budget_is_the_model():
 
 
 def test_sirllm_decay_lowers_old_scores():
-    from longreach.methods.sirllm import SirLLM
-
     model = tiny_model("llama")
-    with lr.extend(model, "sirllm:budget=64,decay=0.5"), torch.no_grad():
+    with lr.extend(model, "sirllm:budget=64,decay=0.5") as handle, torch.no_grad():
         state = lr.prefill(model, tokens(100), chunk=50)
         before = state.cache.layer(0).scores.clone()
-        SirLLM.new_turn(state.cache, 0.5)
+        handle.method.new_turn(state.cache)
     after = state.cache.layer(0).scores
     finite = torch.isfinite(before)
     assert torch.allclose(after[finite], before[finite] * 0.5)

@@ -85,6 +85,10 @@ class Method:
         """A fresh KV cache for this method's cache policy, or None to keep transformers' default."""
         return None
 
+    def new_turn(self, cache: Any) -> None:
+        """A conversation's next user turn begins (``longreach.Session`` calls it with its
+        cache); a policy whose scores age per turn acts here. Default: nothing."""
+
     # ---- shared helpers
 
     def fail(self, message: str) -> typing.NoReturn:

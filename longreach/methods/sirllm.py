@@ -76,12 +76,13 @@ class SirLLM(EvictionMethod):
     def evict(self, state: EvictingLayer, q_len: int) -> None:
         return None  # after the whole call, once the logits exist (see install)
 
-    @staticmethod
-    def new_turn(cache: EvictingCache, decay: float) -> None:
-        """Multiply every stored score by ``decay`` (a new dialogue turn begins)."""
+    def new_turn(self, cache: Any) -> None:
+        """Multiply every stored score by ``decay``: a new dialogue turn begins."""
+        if not isinstance(cache, EvictingCache) or self.decay == 1.0:
+            return
         for layer in cache.layers:
             if layer.scores is not None:
-                layer.scores.mul_(decay)
+                layer.scores.mul_(self.decay)
 
     def install(self, model: torch.nn.Module, patch: Patch) -> None:
         super().install(model, patch)
