@@ -27,6 +27,7 @@ re-rotates its keys by slot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -76,6 +77,12 @@ def received_attention(
     return total
 
 
+@functools.lru_cache(maxsize=512)
+def _plan(regions: tuple[Region, ...], q_len: int, kv_len: int, q_offset: int):
+    # decoding asks for the same few plans at every token
+    return plan(regions, q_len, kv_len, q_offset, block=max(1024, q_len), check=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvictionLayout(Layout):
     """Causal attention over the cache's slots, then the policy's scoring and eviction."""
@@ -90,10 +97,12 @@ class EvictionLayout(Layout):
             )
         q_len, kv_len = call.query.shape[-2], call.key.shape[-2]
         q_offset = kv_len - q_len  # the call's tokens are the newest slots
-        regions = self.method.layer_regions(call.layer)
-        work_plan = plan(regions, q_len, kv_len, q_offset, block=max(1024, q_len), check=False)
+        regions = tuple(self.method.layer_regions(call.layer))
+        work_plan = _plan(regions, q_len, kv_len, q_offset)
         memory = call.memory
-        if not isinstance(memory, EvictingCache):  # no cache: nothing to evict
+        if not isinstance(memory, EvictingCache) or (
+            q_len == 1 and not self.method.evict_while_decoding
+        ):  # no cache, or a decoded token the policy keeps: nothing to score or evict
             return iter([Work(work_plan)])
         state = memory.layer(call.layer)
 
