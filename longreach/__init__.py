@@ -18,6 +18,7 @@ from longreach.errors import LongreachError
 
 if TYPE_CHECKING:  # pragma: no cover
     from longreach.extend import extend
+    from longreach.methods.reader import read
     from longreach.models import load
     from longreach.prefill import greedy, prefill
     from longreach.session import Session
@@ -28,9 +29,19 @@ _LAZY = {
     "prefill": "longreach.prefill",
     "greedy": "longreach.prefill",
     "Session": "longreach.session",
+    "read": "longreach.methods.reader",
 }
 
-__all__ = ["LongreachError", "Session", "__version__", "extend", "greedy", "load", "prefill"]
+__all__ = [
+    "LongreachError",
+    "Session",
+    "__version__",
+    "extend",
+    "greedy",
+    "load",
+    "prefill",
+    "read",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -54,6 +54,9 @@ def test_memory_estimate_of_the_lab_model_follows_the_config():
     assert est.generation_bytes == n * 600
     chunked = estimate_memory(shape, n, dtype_bytes=4, chunk=4096)
     assert chunked.kv_bytes == est.kv_bytes and chunked.activation_bytes == 4096 * 8192
+    # a method that bounds what it holds (a reader: the trained length) needs that much
+    bounded = estimate_memory(shape, n, dtype_bytes=4, chunk=None, resident=256)
+    assert bounded.kv_bytes == 256 * 4 * 2 * 64 * 2 * 4 and bounded.activation_bytes == 256 * 8192
 
 
 def test_absurd_length_is_refused_with_its_estimate_before_any_sample(tmp_path, monkeypatch):
@@ -62,7 +65,7 @@ def test_absurd_length_is_refused_with_its_estimate_before_any_sample(tmp_path, 
         "--model", "lab", "--dtype", "fp32", "--lengths", "256,10m", "--db", str(tmp_path / "t.db")
     )
     assert _error(result) == (
-        "error: a cell of 10m tokens needs about 125.9 GiB (KV cache 40.0 GiB, activations "
+        "error: a cell of 10m tokens with vanilla needs about 125.9 GiB (KV cache 40.0 GiB, activations "
         "80.0 GiB, sample generation 5.9 GiB) but 8.0 GiB is available on cpu: use shorter "
         "--lengths or --chunk."
     )

@@ -148,15 +148,24 @@ def model_shape(config: Any) -> dict[str, int]:
 
 
 def estimate_memory(
-    shape: dict[str, int], tokens: int, dtype_bytes: int, chunk: int | None
+    shape: dict[str, int],
+    tokens: int,
+    dtype_bytes: int,
+    chunk: int | None,
+    resident: int | None = None,
 ) -> MemoryEstimate:
-    """What one cell of ``tokens`` tokens needs on top of the loaded weights (module docstring)."""
+    """What one cell of ``tokens`` tokens needs on top of the loaded weights (module docstring).
+
+    ``resident``: the most tokens whose keys and values the method holds at once (its own
+    bound, ``Method.resident_tokens``; default all of them).
+    """
+    kv_tokens = tokens if resident is None else min(tokens, resident)
     kv_per_token = shape["layers"] * shape["kv_heads"] * shape["head_dim"] * 2 * dtype_bytes
-    at_once = min(tokens, chunk) if chunk else tokens
+    at_once = min(kv_tokens, chunk) if chunk else kv_tokens
     qkv = (shape["heads"] + 2 * shape["kv_heads"]) * shape["head_dim"]
     per_token = (4 * shape["hidden"] + qkv + 3 * shape["intermediate"]) * dtype_bytes
     return MemoryEstimate(
-        kv_bytes=tokens * kv_per_token,
+        kv_bytes=kv_tokens * kv_per_token,
         activation_bytes=at_once * per_token,
         generation_bytes=tokens * GENERATION_BYTES_PER_TOKEN,
     )
@@ -237,15 +246,23 @@ def _check_memory(model: Any, config: BenchConfig, cells: list[Any], problems: l
     free = available_memory(device)
     if free is None:
         return set()
+    from longreach.methods import build_method
+
     dtype_bytes = next(model.parameters()).element_size()
     too_big = set()
     for length in sorted({c.length for c in cells}):
-        need = estimate_memory(shape, length, dtype_bytes, config.chunk)
-        if need.total > free:
-            too_big.add(length)
-            hint = "" if config.chunk else " or --chunk"
-            problems.append(
-                f"a cell of {format_length(length)} tokens needs {need.describe()} but "
-                f"{_gib(free)} is available on {device}: use shorter --lengths{hint}"
-            )
+        for method in dict.fromkeys(c.method for c in cells if c.length == length):
+            try:
+                resident = build_method(method).resident_tokens(model, length, config.chunk)
+            except LongreachError:
+                resident = None  # the method's own check reports it
+            need = estimate_memory(shape, length, dtype_bytes, config.chunk, resident)
+            if need.total > free:
+                too_big.add(length)
+                hint = "" if config.chunk else " or --chunk"
+                problems.append(
+                    f"a cell of {format_length(length)} tokens with {method} needs "
+                    f"{need.describe()} but {_gib(free)} is available on {device}: use shorter "
+                    f"--lengths{hint}"
+                )
     return too_big

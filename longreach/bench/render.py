@@ -21,7 +21,7 @@ from rich.table import Column, Table
 
 from longreach.bench.grid import BenchConfig, format_length
 from longreach.bench.runner import BenchResult, ProgressEvent, result_cells, run_bench
-from longreach.bench.summary import DEFAULT_THRESHOLD, summarize
+from longreach.bench.summary import DEFAULT_THRESHOLD, NOT_APPLICABLE, summarize
 
 
 def bench_with_progress(
@@ -112,10 +112,10 @@ def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> 
         values = [
             _score_text(*row.by_length[n], row.metric, threshold, show_n)
             if n in row.by_length
-            else "–"
+            else ("n/a" if row.metric == NOT_APPLICABLE else "–")
             for n in lengths
         ]
-        if row.metric == "perplexity":
+        if row.metric in ("perplexity", NOT_APPLICABLE):
             effective = "-"  # an effective length is defined for accuracies only
         elif row.effective is None:
             effective = f"[red]< {format_length(min(row.by_length))}[/]"

@@ -38,6 +38,7 @@ from longreach.bench.cost import PeakMemory, Timer
 from longreach.bench.grid import BenchConfig
 from longreach.bench.plan import ModelFacts, PlannedCell, build_plan, library_versions, model_facts
 from longreach.bench.store import Cell, ResultStore, stored_keys
+from longreach.bench.summary import NOT_APPLICABLE
 from longreach.errors import LongreachError
 from longreach.prefill import Prefill, greedy, prefill, score
 from longreach.tasks import PromptFormat, Sample, Task
@@ -142,7 +143,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 @dataclass
 class _Outcome:
     output: str
-    score: float
+    score: float | None
     new_tokens: int
     prefill_s: float
     decode_s: float | None
@@ -215,6 +216,36 @@ def _perplexity(
         decode_tok_s=None,
         shared=0,
         extra={"nll": nll},
+    )
+
+
+def _read(
+    reader: Any, model: torch.nn.Module, tokenizer: Any, fmt: PromptFormat, task: Task,
+    sample: Sample, timer: Timer,
+) -> _Outcome:  # fmt: skip
+    """A reader's answer: it reads the sample's parts itself (its time is all ``prefill_s``).
+
+    A perplexity sample has no question to answer: the cell is stored without a score and
+    says why (``meta.status``).
+    """
+    if sample.metric == "perplexity" or sample.parts is None:
+        return _Outcome("", None, 0, 0.0, None, None, 0, {"status": NOT_APPLICABLE,
+                        "reason": "a reader answers a question; perplexity does not apply"})  # fmt: skip
+    t0 = timer.now()
+    reading = reader.answer(
+        model, tokenizer, fmt, sample.parts, sample.max_new_tokens,
+        lambda text: task.is_complete(sample, text),
+    )  # fmt: skip
+    seconds = timer.now() - t0
+    return _Outcome(
+        output=reading.text,
+        score=float(task.score(sample, reading.text)),
+        new_tokens=reading.new_tokens,
+        prefill_s=seconds,
+        decode_s=None,
+        decode_tok_s=None,
+        shared=0,
+        extra={"reader": reading.meta},
     )
 
 
@@ -364,7 +395,13 @@ def run_cells(ctx: RunContext, method: str, cells: list[PlannedCell], done: int 
     model, tokenizer, config = ctx.model, ctx.tokenizer, ctx.config
     device = model.device
     memory, timer = PeakMemory(device), Timer(device)
-    shared_prefix = _SharedPrefix(config.share_prefix and _method_shares_prefix(method))
+    from longreach.methods import build_method
+
+    reader = build_method(method)
+    reader = reader if reader.reader else None
+    shared_prefix = _SharedPrefix(
+        config.share_prefix and reader is None and _method_shares_prefix(method)
+    )
     eos = _eos_ids(model, tokenizer)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     computed = 0
@@ -377,7 +414,9 @@ def run_cells(ctx: RunContext, method: str, cells: list[PlannedCell], done: int 
         memory.reset()
         try:
             with _oom_as_error(method, planned.length):
-                if sample.metric == "perplexity":
+                if reader is not None:
+                    outcome = _read(reader, model, tokenizer, ctx.fmt, planned.task, sample, timer)
+                elif sample.metric == "perplexity":
                     shared_prefix.clear()
                     outcome = _perplexity(model, sample, timer, config.chunk)
                 else:

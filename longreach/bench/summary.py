@@ -95,6 +95,9 @@ class SummaryRow:
     effective: int | None
 
 
+NOT_APPLICABLE = "not_applicable"  # a cell's meta status: the method does not apply to the task
+
+
 def summarize(cells: list[Cell], threshold: float = DEFAULT_THRESHOLD) -> list[SummaryRow]:
     """One row per (series, task): mean score at each length and the effective length."""
     metric_of = {cell.task: cell.metric for cell in cells}
@@ -110,6 +113,12 @@ def summarize(cells: list[Cell], threshold: float = DEFAULT_THRESHOLD) -> list[S
             else None
         )
         out.append(SummaryRow(series, task, metric, dict(sorted(by_length.items())), eff))
+    # Cells a method cannot compute (a reader on perplexity) get a row that says so.
+    for cell in cells:
+        key = (series_of(cell), cell.task)
+        if key not in rows and (cell.meta or {}).get("status") == NOT_APPLICABLE:
+            rows[key] = {}
+            out.append(SummaryRow(key[0], cell.task, NOT_APPLICABLE, {}, None))
     order = {s: i for i, s in enumerate(dict.fromkeys(series_of(c) for c in cells))}
     tasks = {t: i for i, t in enumerate(dict.fromkeys(c.task for c in cells))}
     out.sort(key=lambda r: (r.series.model, order[r.series], tasks[r.task]))

@@ -8,6 +8,7 @@ importing it below.
 from longreach.methods import (  # noqa: F401 - register
     dynamic_ntk,
     h2o,
+    infiniretri,
     infllm,
     lm_infinite,
     ntk,
@@ -19,6 +20,7 @@ from longreach.methods import (  # noqa: F401 - register
     streaming,
     truncated,
     vanilla,
+    xl3m,
     yarn,
 )
 from longreach.methods.base import Extension, Method, Patch, active_extensions

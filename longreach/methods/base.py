@@ -61,6 +61,9 @@ class Method:
     # method whose cached keys depend on the whole input's length (dynamic NTK rescales
     # with it). Methods that touch the KV cache never share, whatever this says.
     shares_prefix: ClassVar[bool] = True
+    # A reader takes over the whole read and answer (``longreach.methods.reader.Reader``):
+    # it patches nothing, and the bench calls its ``answer`` instead of prefill + decode.
+    reader: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -84,6 +87,11 @@ class Method:
     def new_cache(self, model: torch.nn.Module) -> Any:
         """A fresh KV cache for this method's cache policy, or None to keep transformers' default."""
         return None
+
+    def resident_tokens(self, model: torch.nn.Module, tokens: int, chunk: int | None) -> int:
+        """The most tokens whose keys and values a read of ``tokens`` holds at once, fed
+        ``chunk`` tokens per call (None: all at once). Default: all of them."""
+        return tokens
 
     def new_turn(self, cache: Any) -> None:
         """A conversation's next user turn begins (``longreach.Session`` calls it with its

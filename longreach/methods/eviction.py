@@ -162,6 +162,9 @@ class EvictionMethod(Method):
                 f"sinks + recent ({sinks} + {recent}) must not exceed the budget ({self.budget})."
             )
 
+    def resident_tokens(self, model: torch.nn.Module, tokens: int, chunk: int | None) -> int:
+        return tokens if not chunk else min(tokens, self.budget + chunk)
+
     def evict(self, state: EvictingLayer, q_len: int) -> None:
         """Keep ``budget`` of the layer's resident tokens when it holds more."""
         resident = state.resident

@@ -87,6 +87,9 @@ class Spans(EvictionMethod):
         self.check_model(model)
         super().install(model, patch)
 
+    def resident_tokens(self, model: torch.nn.Module, tokens: int, chunk: int | None) -> int:
+        return tokens  # the full layers keep everything
+
     def layer_regions(self, layer: int) -> Sequence[Region]:
         if self._full is not None and layer in self._full:
             return (Region(d=(0, None)),)

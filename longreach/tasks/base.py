@@ -43,6 +43,9 @@ class Sample:
     max_new_tokens: int
     metric: str = "accuracy"
     meta: dict[str, Any] = field(default_factory=dict)
+    # The prompt before formatting (instruction, context, question, answer prefix): what a
+    # reader method splits into pieces. Not stored with the cell.
+    parts: Parts | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_tokens(self) -> int:
@@ -266,6 +269,7 @@ class Task:
             max_new_tokens=max_new_tokens,
             metric=self.metric,
             meta=meta,
+            parts=parts,
         )
 
 

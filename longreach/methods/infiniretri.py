@@ -1,0 +1,181 @@
+"""InfiniRetri: the model's own attention from the question picks the sentences to keep."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+
+from longreach import compat
+from longreach.attention import hf
+from longreach.attention.layout import AttentionCall, Layout, Region, Work, plan
+from longreach.methods.base import param
+from longreach.methods.reader import (
+    Reader,
+    Reading,
+    Sentence,
+    frame,
+    pieces,
+    question_of,
+    tokenize_sentences,
+)
+from longreach.methods.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class _QuestionAttention(Layout):
+    """Causal attention that also records what the last ``rows`` queries gave each key."""
+
+    rows: int = 1
+    sink: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+    def prepare(self, call: AttentionCall) -> Iterator[Work]:
+        q_len, kv_len = call.query.shape[-2], call.key.shape[-2]
+        q_offset = kv_len - q_len
+        work_plan = plan((Region(d=(0, None)),), q_len, kv_len, q_offset, block=max(1024, q_len))
+        scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
+
+        def done(out: torch.Tensor, lse: torch.Tensor) -> None:
+            r0 = max(0, q_len - self.rows)
+            q = call.query[0, :, r0:]  # (Hq, r, D): only the question's rows
+            hq, hkv = q.shape[0], call.key.shape[1]
+            k = call.key[0].repeat_interleave(hq // hkv, dim=0)  # (Hq, S, D)
+            logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+            p = (logits - lse[0, :, r0:, None]).exp_()
+            slots = torch.arange(kv_len, device=p.device)
+            rows = torch.arange(q_offset + r0, q_offset + q_len, device=p.device)
+            p = p.masked_fill_(slots[None, None, :] > rows[None, :, None], 0.0)
+            self.sink.append(p.sum((0, 1)))  # (S,) over heads and question rows
+
+        yield Work(work_plan, (), None, done)
+
+
+@register
+@dataclasses.dataclass
+class InfiniRetri(Reader):
+    """InfiniRetri (Ye et al., 2025, Infinite Retrieval: Attention Enhanced LLMs in Long-Context Processing, arXiv 2502.12962).
+
+    The context is read in chunks of at most ``chunk`` tokens cut at sentence ends. Each
+    chunk is fed after the sentences cached so far and before the question; the attention
+    the question's tokens give every context token at layer ``layer`` (summed over heads
+    and question tokens), smoothed by a 1-D convolution of width ``window`` over
+    neighbouring tokens, scores the tokens; the sentences holding the ``topk`` best-scored
+    tokens become the cache (at most ``cache`` tokens, best first, kept in reading order).
+    What is cached is token ids, not KV: memory is one chunk's forward whatever the input
+    length. The answer comes from the last step's prompt: cache, last chunk, question.
+    Only the question's rows of attention are computed (question x context), at one layer.
+    A prompt that fits one chunk is answered as it is (the model's own answer).
+
+    Parameters:
+        chunk: context tokens read per step (default: trained length / 2).
+        cache: tokens of kept sentences (default: trained length / 4).
+        topk: best-scored tokens whose sentences are kept (default 64).
+        window: width of the smoothing convolution (default 5).
+        layer: the layer whose attention scores (default -1, the last).
+        original_max: L, the trained length (default: the model's).
+    """
+
+    name: ClassVar[str] = "infiniretri"
+    paper: ClassVar[str] = (
+        "Ye et al., 2025, Infinite Retrieval: Attention Enhanced LLMs in Long-Context "
+        "Processing, arXiv 2502.12962"
+    )
+    summary: ClassVar[str] = "reader: chunks + the question's attention keep sentences (ids)"
+
+    chunk: int | None = param(None, "context tokens per step (default: trained length / 2)")
+    cache: int | None = param(None, "tokens of kept sentences (default: trained length / 4)")
+    topk: int = param(64, "best-scored tokens whose sentences are kept")
+    window: int = param(5, "width of the smoothing convolution")
+    layer: int = param(-1, "layer whose attention scores (-1: the last)")
+    original_max: int | None = param(None, "L, the trained length (default: the model's)")
+
+    def validate(self) -> None:
+        for name in ("chunk", "cache"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                self.fail(f"{name} must be a positive number of tokens (got {value}).")
+        if self.topk < 1:
+            self.fail(f"topk must be >= 1 token (got {self.topk}).")
+        if self.window < 1:
+            self.fail(f"window must be >= 1 token (got {self.window}).")
+
+    def sizes(self, model: torch.nn.Module) -> tuple[int, int]:
+        length = self.trained_length(model)
+        chunk = self.chunk if self.chunk is not None else length // 2
+        cache = self.cache if self.cache is not None else length // 4
+        if chunk + cache > length:
+            self.fail(
+                f"chunk + cache ({chunk} + {cache}) must fit the trained length {length}, with "
+                "room for the question."
+            )
+        return chunk, cache
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        self.sizes(model)
+        layers = model.config.num_hidden_layers
+        if not -layers <= self.layer < layers:
+            self.fail(f"layer {self.layer} does not exist: the model has {layers} layers.")
+        if not hf.attention_modules(model):
+            self.fail(f"{type(model).__name__} gives no attention rows longreach can read.")
+
+    def answer(self, model, tokenizer, fmt, parts, max_new_tokens, is_complete=None,
+               progress: Callable[[int, int], None] | None = None) -> Reading:  # fmt: skip
+        chunk, cache_size = self.sizes(model)
+        parts = question_of(parts)
+        whole = fmt.encode(fmt.render(parts))
+        if len(whole) <= chunk + cache_size:  # it fits: the model reads it as it is
+            return self.generate(model, tokenizer, whole, max_new_tokens, is_complete)
+        around = frame(fmt, parts)
+        room = self.trained_length(model) - len(around.head) - len(around.tail) - max_new_tokens
+        if room < chunk + cache_size:
+            self.fail(
+                f"the question and instruction take {len(around.head) + len(around.tail)} "
+                f"tokens: chunk + cache ({chunk} + {cache_size}) leave no room in the trained "
+                f"length {self.trained_length(model)}; lower chunk or cache."
+            )
+        steps = pieces(tokenize_sentences(tokenizer, parts.context), chunk)
+        layer = self.layer % model.config.num_hidden_layers
+        kept: list[Sentence] = []
+        read = 0
+        for i, piece in enumerate(steps):
+            context = [*kept, *piece]
+            ids = around.around([t for s in context for t in s.ids])
+            if i == len(steps) - 1:
+                reading = self.generate(model, tokenizer, ids, max_new_tokens, is_complete)
+                reading.meta.update(steps=len(steps), read_tokens=read + len(ids),
+                                    kept_sentences=[s.index for s in kept])  # fmt: skip
+                return reading
+            kept = self._keep(model, ids, around, context, layer, cache_size)
+            read += len(ids)
+            if progress is not None:
+                progress(i + 1, len(steps))
+        raise AssertionError("unreachable: the last step answers")
+
+    def _keep(self, model, ids, around, context: list[Sentence], layer: int, size: int):
+        sink: list[torch.Tensor] = []
+        layout = _QuestionAttention(rows=len(around.tail), sink=sink)
+        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        kwargs = {"logits_to_keep": 1} if compat.takes_logits_to_keep(model) else {}
+        with hf.use(model, layout, layers=[layer]), torch.inference_mode():
+            model(input_ids=x, use_cache=False, **kwargs)
+        c0 = len(around.head)
+        c1 = len(ids) - len(around.tail)
+        scores = sink[-1][c0:c1].float()
+        if self.window > 1:
+            kernel = torch.ones(1, 1, self.window, device=scores.device)
+            scores = torch.nn.functional.conv1d(
+                scores[None, None], kernel, padding=self.window // 2
+            )[0, 0, : c1 - c0]
+        owner = torch.tensor([j for j, s in enumerate(context) for _ in s.ids])
+        best: dict[int, float] = {}
+        for t in scores.topk(min(self.topk, scores.numel())).indices.tolist():
+            j = int(owner[t])
+            best[j] = max(best.get(j, float("-inf")), float(scores[t]))
+        chosen, total = [], 0
+        for j in sorted(best, key=lambda j: -best[j]):
+            if total + len(context[j].ids) <= size:
+                chosen.append(j)
+                total += len(context[j].ids)
+        return [context[j] for j in sorted(chosen)]

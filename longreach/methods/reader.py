@@ -1,0 +1,229 @@
+"""Readers: methods that take over the whole read and answer of a long input.
+
+A reader never shows the model more than fits in its trained length. It reads the context
+in pieces, keeps what the model itself finds relevant to the question and answers from
+that (InfiniRetri, XL3M). It patches nothing: ``longreach.extend`` installs nothing for it,
+and the bench, seeing the ``reader`` trait, calls :meth:`Reader.answer` with the sample's
+parts instead of prefilling the prompt. ``longreach.read`` is the Python entry point.
+
+Shared here: sentence splitting (deterministic; each sentence keeps its trailing
+whitespace, so the sentences joined give the context back exactly), the tokens of a
+context as the concatenation of its sentences' tokens, pieces of at most ``n`` tokens cut
+at sentence ends (a longer sentence is cut into token runs; no token is dropped or
+repeated), and greedy answering from a rendered prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from longreach.errors import LongreachError
+from longreach.methods.base import Method, Patch
+
+__all__ = ["Reader", "Reading", "Sentence", "pieces", "read", "split_sentences"]
+
+# A sentence ends at . ! ? (with closing quotes or brackets) followed by whitespace, or at a
+# line break; the whitespace stays with the sentence it ends.
+_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n+")
+
+
+@dataclass
+class Sentence:
+    """A sentence's text, its tokens and its index in the context."""
+
+    index: int
+    text: str
+    ids: list[int]
+
+
+@dataclass
+class Reading:
+    """What a reader answered and how: the answer text and the reader's own measurements."""
+
+    text: str
+    new_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``; ``"".join(split_sentences(t)) == t`` always."""
+    out, start = [], 0
+    for match in _END.finditer(text):
+        if match.end() > start:
+            out.append(text[start : match.end()])
+            start = match.end()
+    if start < len(text):
+        out.append(text[start:])
+    return out
+
+
+def tokenize_sentences(tokenizer: Any, text: str) -> list[Sentence]:
+    return [
+        Sentence(i, s, list(tokenizer(s, add_special_tokens=False)["input_ids"]))
+        for i, s in enumerate(split_sentences(text))
+    ]
+
+
+def pieces(sentences: list[Sentence], size: int) -> list[list[Sentence]]:
+    """Consecutive runs of sentences of at most ``size`` tokens (a longer sentence is cut)."""
+    out: list[list[Sentence]] = []
+    run: list[Sentence] = []
+    count = 0
+    for s in sentences:
+        parts = [s] if len(s.ids) <= size else [
+            Sentence(s.index, "", s.ids[a : a + size]) for a in range(0, len(s.ids), size)
+        ]  # fmt: skip
+        for part in parts:
+            if count + len(part.ids) > size and run:
+                out.append(run)
+                run, count = [], 0
+            run.append(part)
+            count += len(part.ids)
+    if run:
+        out.append(run)
+    return out
+
+
+@dataclasses.dataclass
+class Reader(Method):
+    """Base of the readers: ``answer`` reads ``parts`` and answers; ``install`` patches nothing."""
+
+    reader: ClassVar[bool] = True
+
+    def install(self, model: torch.nn.Module, patch: Patch) -> None:
+        return None
+
+    def resident_tokens(self, model: torch.nn.Module, tokens: int, chunk: int | None) -> int:
+        return min(tokens, self.trained_length(model))  # every forward fits the trained length
+
+    def answer(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        fmt: Any,
+        parts: Any,
+        max_new_tokens: int,
+        is_complete: Callable[[str], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Reading:
+        """Read ``parts`` (instruction, context, question, answer prefix) and answer greedily."""
+        raise NotImplementedError
+
+    # ---- shared
+
+    def budget(self, model: torch.nn.Module, fmt: Any, parts: Any, wanted: int) -> int:
+        """Context tokens a prompt may hold: ``wanted``, within the trained length."""
+        from longreach.tasks.base import Parts
+
+        frame = len(fmt.encode(fmt.render(Parts(parts.instruction, "", parts.question,
+                                                 parts.answer_prefix, []))))  # fmt: skip
+        room = self.trained_length(model) - frame - 64  # 64: the answer
+        if room < 16:
+            self.fail(
+                f"the instruction and question take {frame} tokens, which leaves no room for "
+                f"context in the trained length {self.trained_length(model)}."
+            )
+        return min(wanted, room)
+
+    @staticmethod
+    def prompt_ids(tokenizer: Any, fmt: Any, parts: Any, context_ids: list[int]) -> list[int]:
+        from longreach.tasks.base import Parts
+
+        context = tokenizer.decode(context_ids)
+        rendered = fmt.render(
+            Parts(parts.instruction, context, parts.question, parts.answer_prefix, [])
+        )
+        return fmt.encode(rendered)
+
+    @staticmethod
+    def generate(
+        model: torch.nn.Module,
+        tokenizer: Any,
+        ids: list[int],
+        max_new_tokens: int,
+        is_complete: Callable[[str], bool] | None,
+        chunk: int = 1024,
+    ) -> Reading:
+        from longreach.bench.runner import _eos_ids
+        from longreach.prefill import greedy, prefill
+
+        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            state = prefill(model, x, chunk=min(chunk, len(ids)))
+
+            def stop(tokens: torch.Tensor) -> bool:
+                if is_complete is None:
+                    return False
+                return is_complete(tokenizer.decode(tokens[0], skip_special_tokens=True))
+
+            new = greedy(model, state, max_new_tokens, _eos_ids(model, tokenizer), stop=stop)
+        new_ids = new[0].tolist()
+        return Reading(tokenizer.decode(new_ids, skip_special_tokens=True), len(new_ids))
+
+
+def read(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    context: str,
+    question: str,
+    method: str = "infiniretri",
+    *,
+    instruction: str = "",
+    answer_prefix: str = "",
+    max_new_tokens: int = 32,
+    chat: bool = False,
+) -> str:
+    """Answer ``question`` about ``context`` with a reader method (``infiniretri``, ``xl3m``)."""
+    from longreach.methods import build_method
+    from longreach.tasks.base import Parts, PromptFormat
+
+    built = build_method(method)
+    if not built.reader:
+        raise LongreachError(
+            f"{built.name} is not a reader; use longreach.extend for it, or pick infiniretri or xl3m."
+        )
+    built.check_model(model)
+    fmt = PromptFormat(tokenizer, chat=chat)
+    parts = Parts(instruction, context, question, answer_prefix, [])
+    return built.answer(model, tokenizer, fmt, parts, max_new_tokens).text
+
+
+_MARK = "\x00longreach-context\x00"
+
+
+@dataclass
+class Frame:
+    """A prompt around a context: ``head`` ids, then the context's ids, then ``tail`` ids."""
+
+    head: list[int]
+    tail: list[int]
+
+    def around(self, context: list[int]) -> list[int]:
+        return [*self.head, *context, *self.tail]
+
+
+def frame(fmt: Any, parts: Any) -> Frame:
+    """The prompt's tokens before and after its context (the question and answer prefix after)."""
+    from longreach.tasks.base import Parts
+
+    question = parts.question
+    rendered = fmt.render(Parts(parts.instruction, _MARK, question, parts.answer_prefix, []))
+    head, tail = rendered.split(_MARK, 1)
+    tokenizer = fmt.tokenizer
+    return Frame(fmt.encode(head), list(tokenizer(tail, add_special_tokens=False)["input_ids"]))
+
+
+def question_of(parts: Any) -> Any:
+    """``parts`` with a question: its own, else the context's last sentence (XL3M's rule)."""
+    if parts.question.strip():
+        return parts
+    sentences = split_sentences(parts.context)
+    if not sentences:
+        raise LongreachError("a reader needs a context or a question; both are empty.")
+    return dataclasses.replace(parts, context="".join(sentences[:-1]), question=sentences[-1])
