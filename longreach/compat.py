@@ -8,7 +8,8 @@ handled here:
 - ``cache_position``: passed through forward and attention up to 5.3, removed after;
 - the RoPE configuration: ``config.rope_parameters`` (5.x) with a fallback to the
   4.x-era ``rope_scaling`` + ``rope_theta`` attributes that some saved configs still carry;
-- private torch ops reached through one function each (see below).
+- private torch ops reached through one function each (see below);
+- loading a GGUF file: 5.24 keeps quantized weights packed unless told to dequantize.
 
 Everything else in longreach calls these helpers instead of testing versions itself.
 """
@@ -128,6 +129,23 @@ def set_rope_parameters(config: Any, params: dict[str, Any]) -> None:
 
 def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def gguf_dense_kwargs() -> dict[str, Any]:
+    """Keywords for ``from_pretrained(..., gguf_file=...)`` that give a plain dense model.
+
+    transformers 5.24 loads a GGUF through a quantizer that keeps quantized blocks packed in
+    ``GgufLinear`` layers (with a hub attention kernel) when it can; ``GgufConfig(dequantize=True)``
+    asks for ordinary dense weights. 5.2 always dequantizes and has no ``GgufConfig``.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 # --------------------------------------------------------------------------- hardware

@@ -62,9 +62,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
         raise LongreachError(
             f"unknown model alias {name!r}; known aliases: {known} (or pass a local model directory)."
         )
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from longreach.models.gguf_convert import convert_gguf, gguf_cache_dir
+
+        return convert_gguf(path, gguf_cache_dir(path))
     if not path.is_dir():
         raise LongreachError(
-            f"{name} is a file, not a model directory; pass the folder that holds config.json."
+            f"{name} is a file, not a model directory; pass the folder that holds config.json "
+            "(or a .gguf file)."
         )
     if not (path / "config.json").is_file():
         raise LongreachError(
@@ -109,8 +114,8 @@ def load(
     """Load a causal LM and its tokenizer, offline.
 
     Args:
-        name_or_path: an alias (``longreach models`` lists them) or a local Hugging Face
-            model directory.
+        name_or_path: an alias (``longreach models`` lists them), a local Hugging Face
+            model directory, or a ``.gguf`` file (converted once into ``$LONGREACH_HOME``).
         dtype: ``bf16``/``fp16``/``fp32`` or a ``torch.dtype``; default bf16 where the
             device computes it natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32.
         device: default CUDA when available, else CPU.

@@ -97,11 +97,9 @@ class ModelAlias:
         if self.is_cached():
             path = self._packaged_path() if self.packaged_dir else self.cache_dir()
             return json.loads((path / "config.json").read_text())
-        from gguf import GGUFReader
+        from longreach.models.gguf_convert import gguf_config_dict
 
-        from longreach.models.gguf_convert import _config_from_gguf
-
-        return _config_from_gguf(GGUFReader(str(self.gguf_path())))
+        return gguf_config_dict(self.gguf_path())
 
 
 ALIASES: dict[str, ModelAlias] = {
