@@ -11,6 +11,11 @@ process, so each one's peak RSS is its own (the model included, the same on both
   the whole input is prefilled in one forward (``compression_ratio = 1 - budget / n``).
 - **vanilla**: the unmodified model, chunked prefill, the whole cache kept.
 
+Peak RSS is the process's high-water mark during the prefill (``VmHWM``, reset once the
+model is loaded: the loaded model plus all the prefill adds, not the loading's transients);
+``base_rss_mib`` is the RSS when the prefill starts. kvpress's forward is asked for the last
+position's logits only, as ours (a 16k x vocabulary logits tensor would be 1.6 GB).
+
 Both sides read the same token ids (passkey prompts built here with longreach's tasks,
 the same SmolLM2-135M files from longreach's model cache, the same dtype), answer greedily
 and decode ``--decode`` tokens (at least the task's answer length) for the decode speed; the
@@ -52,8 +57,27 @@ def _length(text: str) -> int:
     return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
-def _peak_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _start_peak() -> float:
+    """Reset the RSS high-water mark to the current RSS (the loaded model); return that RSS."""
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def _peak(base: float) -> dict:
+    return {
+        "peak_rss_mib": _status_mib("VmHWM"),
+        "base_rss_mib": base,
+        "process_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 # --------------------------------------------------------------------------- children
@@ -70,11 +94,13 @@ def ours_cell(cell: dict, prompt: dict) -> dict:
     ids = torch.tensor([prompt["ids"]])
     spec = "vanilla" if cell["side"] == "vanilla" else cell["spec"]
     with torch.no_grad(), lr.extend(model, spec) as handle:
+        base = _start_peak()
         t0 = time.perf_counter()
         state = prefill(
             model, ids, chunk=min(cell["chunk"], ids.shape[1]), cache=handle.new_cache()
         )
         prefill_s = time.perf_counter() - t0
+        peak = _peak(base)
         resident = getattr(state.cache, "resident", None)
         t1 = time.perf_counter()
         new = greedy(model, state, cell["decode"])[0].tolist()
@@ -84,7 +110,7 @@ def ours_cell(cell: dict, prompt: dict) -> dict:
         "answer": tok.decode(new[: prompt["max_new_tokens"]], skip_special_tokens=True),
         "prefill_s": round(prefill_s, 2),
         "decode_tok_s": round((len(new) - 1) / decode_s, 2),
-        "peak_rss_mib": _peak_mib(),
+        **peak,
         "cache_tokens": max(resident) if resident else state.cache.get_seq_length(),
     }
 
@@ -105,10 +131,14 @@ def kvpress_cell(cell: dict, prompt: dict) -> dict:
     press = press_type(compression_ratio=ratio)
     cache = DynamicCache()
     with torch.no_grad():
+        base = _start_peak()
         t0 = time.perf_counter()
-        with press(model):
-            out = model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        with press(model):  # the logits of the last position only, as ours
+            out = model(
+                input_ids=ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
         prefill_s = time.perf_counter() - t0
+        peak = _peak(base)
         kept = cache.layers[0].keys.shape[-2]
         token = ids[:, -1:]
         new = []
@@ -123,7 +153,7 @@ def kvpress_cell(cell: dict, prompt: dict) -> dict:
         "answer": tok.decode(new[: prompt["max_new_tokens"]], skip_special_tokens=True),
         "prefill_s": round(prefill_s, 2),  # the last prompt token runs with the first decode
         "decode_tok_s": round(len(new) / decode_s, 2),
-        "peak_rss_mib": _peak_mib(),
+        **peak,
         "cache_tokens": kept + 1,
     }
 
