@@ -258,3 +258,55 @@ def test_thread_executor_gives_cells_back_up_to_a_bound():
         f"every backend went out of service (last: the server is gone); {len(plan)} cells were "
         "not computed; finished cells are saved: run the command again."
     )
+
+
+def _refuser():
+    """A server (no /tokenize) that answers the calibration probe, then 400s every stream."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _json(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._json(200, {"object": "list", "data": [{"id": "fake"}]})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path != "/v1/completions":
+                return self._json(404, {"error": {"message": "File Not Found", "code": 404}})
+            if not body.get("stream"):
+                usage = {"prompt_tokens": len(body["prompt"]) // 4, "completion_tokens": 1}
+                return self._json(200, {"choices": [{"index": 0, "text": " x"}], "usage": usage})
+            self._json(400, {"error": {"message": "temperature must be <= 2", "code": 400}})
+
+    return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+
+def test_a_cell_refused_for_its_own_reason_is_stored_with_the_error(tmp_path):
+    httpd = _refuser()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        config = BenchConfig(model="fake", tasks=["passkey"], lengths=[128, 200], samples=2,
+                             db=str(tmp_path / "refused.db"))  # fmt: skip
+        result = run_endpoints_bench(config, [EndpointConfig(url, "fake", timeout=5)])
+        assert (result.total, result.computed, result.failed) == (4, 0, 4)
+        with ResultStore(config.db, create=False) as store:
+            cells = store.cells()
+        assert [c.meta["error"] for c in cells] == [
+            f"{url} refused a request (400): temperature must be <= 2"
+        ] * 4
+        assert all(c.score is None and c.meta["attempts"] == 1 for c in cells)
+        again = run_endpoints_bench(config, [EndpointConfig(url, "fake", timeout=5)])
+        assert (again.computed, again.skipped) == (0, 4), "a failed cell is not recomputed"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
