@@ -24,7 +24,9 @@ llama.cpp's ``exceed_context_size_error``) becomes a "too long" cell with no sco
 marked ``"truncated": true`` (llama.cpp's context shift: the model did not see the input)
 becomes an invalid cell with no score. Requests retry with back-off on 503 (honouring
 ``Retry-After``) and on dropped connections; a server that does not answer within
-``timeout`` seconds stops the run with one line. Only the driver thread writes the store.
+``timeout`` seconds, or answers 5xx, raises ``EndpointUnavailable``: the run stops with one
+line, or with several URLs the others take its cells (``longreach.bench.endpoint_backend``
+runs the grid, through an executor). Only the driver writes the store.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ class EndpointCellBackend:
         try:
             return self._cells(planned)
         except EndpointUnavailable as exc:
-            self._down = one_line(exc)
+            self._down = one_line(exc).rstrip(".")  # quoted inside other sentences
             log.warning("%s is out of service: %s", self.endpoint.url, self._down)
             return BackendDown(planned.key, self._down)
         except Exception as exc:  # noqa: BLE001 - recorded with the cell, the run goes on
