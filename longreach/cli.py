@@ -193,9 +193,14 @@ def bench(
     gpus_per_worker: float = typer.Option(
         0.0, "--gpus-per-worker", help="GPUs each Ray worker reserves (0: run on CPUs)."
     ),
-    endpoint: str | None = typer.Option(
-        None, "--endpoint", help="Run against an OpenAI-compatible server at this URL instead."
-    ),
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--endpoint",
+            help="Run against an OpenAI-compatible server at this URL instead (repeatable: "
+            "servers of one model share the cells).",
+        ),
+    ] = None,
     served_model: str | None = typer.Option(
         None, "--served-model", help="With --endpoint: the model name the server serves."
     ),
@@ -204,7 +209,9 @@ def bench(
         "--tokenizer",
         help="With --endpoint: a local tokenizer, if the server has no /tokenize.",
     ),
-    parallel: int = typer.Option(1, "--parallel", help="With --endpoint: requests in flight."),
+    parallel: int = typer.Option(
+        1, "--parallel", help="With --endpoint: requests in flight to each URL."
+    ),
     timeout: float = typer.Option(
         600.0, "--timeout", help="With --endpoint: seconds without an answer before giving up."
     ),
@@ -216,7 +223,16 @@ def bench(
 
     check_threshold(threshold)
     set_threads(threads)
-    grid_executor = _grid_executor(executor, ray_address, workers, gpus_per_worker, threads)
+    if endpoint and executor == "ray" and workers is None:
+        workers = len(endpoint)  # one Ray worker per URL, each with --parallel requests
+    grid_executor = _grid_executor(
+        executor,
+        ray_address,
+        workers,
+        gpus_per_worker,
+        threads,
+        max(4, parallel) if endpoint else 4,
+    )
 
     config = BenchConfig(
         model=model,
@@ -233,20 +249,18 @@ def bench(
         dtype=dtype,
         chunk=chunk,
     )
-    if endpoint is not None:
-        from longreach.bench.endpoint import EndpointConfig, run_endpoint_bench
+    if endpoint:
+        from longreach.bench.endpoint import EndpointConfig
+        from longreach.bench.endpoint_backend import run_endpoints_bench
 
         if not served_model:
             raise LongreachError(
                 "--endpoint needs --served-model NAME (see the server's /v1/models)."
             )
-        if grid_executor is not None:
-            raise LongreachError(
-                "--endpoint runs its requests itself (--parallel N); it cannot be combined "
-                "with --executor ray yet."
-            )
-        target = EndpointConfig(endpoint, served_model, tokenizer, parallel, timeout)
-        result = bench_with_progress(config, console, runner=run_endpoint_bench, endpoint=target)
+        targets = [EndpointConfig(u, served_model, tokenizer, parallel, timeout) for u in endpoint]
+        result = bench_with_progress(
+            config, console, runner=run_endpoints_bench, endpoints=targets, executor=grid_executor
+        )
     else:
         result = bench_with_progress(config, console, executor=grid_executor)
     console.print(summary_table(result, threshold))
@@ -259,7 +273,7 @@ def bench(
 
 
 def _grid_executor(
-    kind: str, address: str | None, workers: int | None, gpus: float, threads: int
+    kind: str, address: str | None, workers: int | None, gpus: float, threads: int, chunk: int = 4
 ) -> Any:
     """``--executor``: None runs in this process; ``ray`` gives a RayExecutor."""
     if kind == "local":
@@ -279,7 +293,11 @@ def _grid_executor(
 
     import_ray()
     return RayExecutor(
-        address=address, workers=workers, gpus_per_worker=gpus, cpus_per_worker=threads or 1
+        address=address,
+        workers=workers,
+        gpus_per_worker=gpus,
+        cpus_per_worker=threads or 1,
+        max_chunk=chunk,
     )
 
 

@@ -24,7 +24,9 @@ llama.cpp's ``exceed_context_size_error``) becomes a "too long" cell with no sco
 marked ``"truncated": true`` (llama.cpp's context shift: the model did not see the input)
 becomes an invalid cell with no score. Requests retry with back-off on 503 (honouring
 ``Retry-After``) and on dropped connections; a server that does not answer within
-``timeout`` seconds stops the run with one line. Only the driver thread writes the store.
+``timeout`` seconds, or answers 5xx, raises ``EndpointUnavailable``: the run stops with one
+line, or with several URLs the others take its cells (``longreach.bench.endpoint_backend``
+runs the grid, through an executor). Only the driver writes the store.
 """
 
 from __future__ import annotations
@@ -37,16 +39,15 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from longreach.bench.grid import BenchConfig
-from longreach.bench.plan import ModelFacts, PlannedCell, build_plan, library_versions, load_tasks
-from longreach.bench.runner import BenchResult, ProgressEvent, ProgressFn
-from longreach.bench.store import Cell, ResultStore
+from longreach.bench.plan import ModelFacts, PlannedCell
+from longreach.bench.runner import BenchResult, ProgressFn
+from longreach.bench.store import Cell
 from longreach.errors import LongreachError
 from longreach.tasks import PromptFormat, Sample
 
@@ -85,6 +86,12 @@ class EndpointConfig:
 
 
 # --------------------------------------------------------------------------- HTTP
+
+
+class EndpointUnavailable(LongreachError):
+    """The server itself failed, not one request: no answer within the timeout after the
+    retries, streams that keep breaking, or a 5xx reply. With several ``--endpoint`` URLs the
+    cells of a server that fails go to the others."""
 
 
 class _Retry(Exception):
@@ -131,7 +138,7 @@ class EndpointClient:
                 if exc.wait_s is not None:
                     pause = max(pause, min(exc.wait_s, 30.0))
                 if elapsed + pause > self.timeout:
-                    raise LongreachError(
+                    raise EndpointUnavailable(
                         f"{self.url} did not answer {what} within {self.timeout:g} s "
                         f"({exc.reason}); check that the server runs, or raise --timeout."
                     ) from None
@@ -148,7 +155,7 @@ class EndpointClient:
             response = conn.getresponse()
         except TimeoutError:
             conn.close()
-            raise LongreachError(
+            raise EndpointUnavailable(
                 f"{self.url} accepted the connection but sent no answer within "
                 f"{self.timeout:g} s; check the server, or raise --timeout."
             ) from None
@@ -172,7 +179,7 @@ class EndpointClient:
             try:
                 raw = response.read()
             except TimeoutError:
-                raise LongreachError(
+                raise EndpointUnavailable(
                     f"{self.url} sent no complete answer within {self.timeout:g} s; raise --timeout."
                 ) from None
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
@@ -217,7 +224,7 @@ class EndpointClient:
                     try:
                         line = response.readline()
                     except TimeoutError:
-                        raise LongreachError(
+                        raise EndpointUnavailable(
                             f"{self.url} stopped streaming for {self.timeout:g} s; raise --timeout."
                         ) from None
                     except (ConnectionError, http.client.HTTPException, OSError) as exc:
@@ -505,7 +512,7 @@ class EndpointBackend:
                 break
             except _Retry as exc:  # a stream cut halfway: the whole cell again
                 if attempt == 3:
-                    raise LongreachError(
+                    raise EndpointUnavailable(
                         f"{self.client.url} kept dropping the stream of {planned.describe()} "
                         f"({exc.reason})."
                     ) from None
@@ -550,7 +557,8 @@ class EndpointBackend:
     def _refused(self, reply: Reply) -> _Answer:
         limit = context_refusal(reply)
         if limit is None:
-            raise LongreachError(
+            error = EndpointUnavailable if reply.status >= 500 else LongreachError
+            raise error(
                 f"{self.client.url} refused a request ({reply.status}): {_server_message(reply)}"
             )
         return _Answer(
@@ -706,19 +714,29 @@ def endpoint_fingerprint(served_model: str, method: str, counting: str, tokenize
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_endpoint_bench(
-    config: BenchConfig, endpoint: EndpointConfig, *, progress: ProgressFn | None = None
-) -> BenchResult:
-    """Run every cell of ``config`` the database lacks against ``endpoint``; like ``run_bench``."""
-    started = time.perf_counter()
-    config.validate()
-    endpoint.validate()
-    if [m for m in config.methods if m != "vanilla"]:
-        raise LongreachError(
-            "--method does not apply with --endpoint: the server applies its own method "
-            "(start it with `longreach serve --method ...`)."
-        )
-    tasks = load_tasks(config)
+@dataclass
+class Connection:
+    """One server, probed: what it serves and how its cells count tokens."""
+
+    client: EndpointClient
+    facts: ServerFacts
+    tokenizer: Any
+    counting: str  # SERVER, LOCAL or CHARS
+    fingerprint: str
+
+    def backend(self, config: BenchConfig, served_model: str) -> EndpointBackend:
+        """What runs this server's cells."""
+        return EndpointBackend(
+            self.client, PromptFormat(self.tokenizer, chat=config.chat),
+            served_model=served_model, fingerprint=self.fingerprint, method=self.facts.method,
+            counting=self.counting, trained_length=self.facts.trained_length,
+            max_model_len=self.facts.max_model_len,
+        )  # fmt: skip
+
+
+def connect(config: BenchConfig, endpoint: EndpointConfig, tasks: list) -> Connection:
+    """Probe ``endpoint``: its model card, its tokenizer (``/tokenize``, else ``--tokenizer``,
+    else characters calibrated on a probe), and the fingerprint its cells are keyed by."""
     client = EndpointClient(endpoint.url, endpoint.timeout)
     facts = server_facts(client, endpoint.served_model)
     tokenizer: Any = ServerTokenizer.probe(client, endpoint.served_model)
@@ -742,86 +760,16 @@ def run_endpoint_bench(
             "(the prompt is rendered here and sent to /v1/completions)."
         )
     fingerprint = endpoint_fingerprint(endpoint.served_model, facts.method, counting, tokenizer)
-    store = ResultStore(config.db)
-    try:
-        plan = build_plan(config, [facts.method], tasks, fingerprint)
-        done_keys = store.done_keys()
-        todo = [c for c in plan if c.key not in done_keys]
-        skipped = len(plan) - len(todo)
-        emit = progress or (lambda event: None)
-        emit(ProgressEvent("plan", len(plan), skipped, skipped))
-        record = dict(
-            config.to_dict(),
-            methods=[facts.method],
-            endpoint=client.url,
-            served_model=endpoint.served_model,
-            counting=counting,
-            parallel=endpoint.parallel,
-        )
-        run_id = store.start_run(endpoint.served_model, fingerprint, record, library_versions())
-        fmt = PromptFormat(tokenizer, chat=config.chat)
-        if todo:
-            from longreach.bench import preflight
-
-            preflight.check_samples(fmt, todo)
-        backend = EndpointBackend(
-            client, fmt, served_model=endpoint.served_model, fingerprint=fingerprint,
-            method=facts.method, counting=counting, trained_length=facts.trained_length,
-            max_model_len=facts.max_model_len,
-        )  # fmt: skip
-        computed = _execute(
-            backend, todo, endpoint.parallel, store, run_id, emit, len(plan), skipped
-        )
-        return BenchResult(
-            db=Path(config.db),
-            run_id=run_id,
-            model=endpoint.served_model,
-            model_fingerprint=fingerprint,
-            trained_length=facts.trained_length,
-            total=len(plan),
-            skipped=skipped,
-            computed=computed,
-            seconds=time.perf_counter() - started,
-            keys=frozenset(c.key for c in plan),
-        )
-    finally:
-        store.close()
+    return Connection(client, facts, tokenizer, counting, fingerprint)
 
 
-def _execute(
-    backend: Callable[[PlannedCell], Cell],
-    todo: list[PlannedCell],
-    parallel: int,
-    store: ResultStore,
-    run_id: int,
-    emit: ProgressFn,
-    total: int,
-    skipped: int,
-) -> int:
-    """Run cells through ``backend``, ``parallel`` at a time; only this thread writes the store."""
-    computed = 0
+def run_endpoint_bench(
+    config: BenchConfig, endpoint: EndpointConfig, *, progress: ProgressFn | None = None
+) -> BenchResult:
+    """Run every cell of ``config`` the database lacks against ``endpoint``; like ``run_bench``.
 
-    def finish(planned: PlannedCell, cell: Cell) -> None:
-        nonlocal computed
-        store.add(cell, run_id)
-        computed += 1
-        emit(ProgressEvent("done", total, skipped + computed, skipped, planned.describe(), cell))
+    The one-URL case of ``longreach.bench.endpoint_backend.run_endpoints_bench``.
+    """
+    from longreach.bench.endpoint_backend import run_endpoints_bench
 
-    if parallel == 1:
-        for planned in todo:
-            emit(ProgressEvent("start", total, skipped + computed, skipped, planned.describe()))
-            finish(planned, backend(planned))
-        return computed
-    with ThreadPoolExecutor(parallel, thread_name_prefix="longreach-endpoint") as pool:
-        pending = {pool.submit(backend, planned): planned for planned in todo}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    planned = pending.pop(future)
-                    finish(planned, future.result())
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-    return computed
+    return run_endpoints_bench(config, [endpoint], progress=progress)

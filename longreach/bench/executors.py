@@ -11,7 +11,8 @@ An executor takes two things:
 
 ``longreach.bench.ray_executor.RayExecutor`` runs backends as Ray actors. Another backend
 (a client of an OpenAI-compatible endpoint, say) plugs into the same executor by providing
-``open``, ``preflight`` and ``run``.
+``open``, ``preflight`` and ``run`` (``longreach.bench.endpoint_backend``); its ``run`` may
+answer ``BackendDown`` for cells it could not reach its server for.
 
 A cell that fails for good is stored like any other cell, with ``score`` NULL, an empty
 output and ``meta = {"error": ..., "attempts": ...}``: the run goes on, the summary and the
@@ -49,6 +50,16 @@ class CellFailure:
 Outcome = Cell | CellFailure
 
 
+@dataclass(frozen=True)
+class BackendDown:
+    """A cell not computed because its backend itself went out of service (an endpoint that
+    stopped answering): the executor sends that backend no more cells and runs this one on
+    another worker, up to its attempt bound. Never handed to ``on_outcome``."""
+
+    key: str
+    error: str
+
+
 class CellBackend(Protocol):
     """What runs cells inside a worker. Picklable before ``open``; ``open`` loads (once)."""
 
@@ -56,7 +67,7 @@ class CellBackend(Protocol):
 
     def preflight(self, cells: Sequence[PlannedCell]) -> None: ...
 
-    def run(self, cells: Sequence[PlannedCell]) -> list[Outcome]: ...
+    def run(self, cells: Sequence[PlannedCell]) -> list[Outcome | BackendDown]: ...
 
 
 class GridExecutor(Protocol):

@@ -11,6 +11,9 @@ back at the head of the queue and is replaced by a fresh one. Those cells are th
 at a time, so a cell that kills its worker is found alone: once a cell has been in flight on
 ``max_attempts`` dead workers it is recorded as failed, with that error, and the run goes
 on. An exception inside a cell is recorded at once (recomputing would raise it again).
+A worker whose backend answers ``BackendDown`` (its endpoint stopped answering) is stopped and
+not replaced; the cells it gave back go to the other workers of that model, under the same
+bound of attempts.
 
 Ray is an optional extra: ``pip install 'longreach[ray]'``.
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longreach.bench.executors import (
+    BackendDown,
     CellBackend,
     CellFailure,
     ModelFacts,
@@ -119,6 +123,7 @@ class RayExecutor:
         self.device: str | None = "cuda" if self.gpus_per_worker > 0 else "cpu"
         self.threads = self.cpus_per_worker
         self.deaths = 0  # worker deaths seen (tests and logs)
+        self.lost = 0  # workers stopped because their backend went out of service
         self._ray: Any = None
         self._owns_ray = False
         self._backends: list[CellBackend] = []
@@ -286,7 +291,8 @@ class RayExecutor:
             raise LongreachError(
                 f"no worker holds the model with fingerprint {sorted(unknown)[0]}."
             )
-        deaths: dict[str, int] = {}  # cell key -> workers that died under it
+        deaths: dict[str, int] = {}  # cell key -> workers that died (or lost their server) under it
+        last_down = ""
         running: dict[Any, _Slot] = {}  # ObjectRef of run() -> its slot
         starting, self._loading = self._loading, {}  # ObjectRef of open() -> its slot
 
@@ -343,6 +349,22 @@ class RayExecutor:
             self._slots.append(replacement)
             starting[replacement.actor.open.remote()] = replacement
 
+        def given_back(slot: _Slot, cells: list[tuple[PlannedCell, BackendDown]]) -> None:
+            nonlocal last_down
+            self.lost += 1
+            self._bury(slot)
+            last_down = cells[-1][1].error
+            log.warning(
+                "Ray worker %d (%s) lost its server: %s", slot.number, slot.where, last_down
+            )
+            for cell, down in reversed(cells):
+                deaths[cell.key] = deaths.get(cell.key, 0) + 1
+                if deaths[cell.key] >= self.max_attempts:
+                    error = f"{deaths[cell.key]} workers failed under it (last: {down.error})"
+                    on_outcome(cell, CellFailure(cell.key, error, deaths[cell.key]))
+                else:
+                    queues[cell.fingerprint].appendleft(cell)
+
         dispatch()
         while running or starting:
             ready, _ = ray.wait([*running, *starting], num_returns=1)
@@ -366,14 +388,25 @@ class RayExecutor:
                         raise LongreachError(
                             f"a Ray worker returned {len(outcomes)} results for {len(chunk)} cells."
                         )
+                    down = []
                     for planned, outcome in zip(chunk, outcomes, strict=True):
-                        on_outcome(planned, outcome)
+                        if isinstance(outcome, BackendDown):
+                            down.append((planned, outcome))
+                        else:
+                            on_outcome(planned, outcome)
+                    if down:
+                        given_back(slot, down)
             dispatch()
         left = sum(len(q) for q in queues.values())
         if left:
+            why = (
+                f"every Ray worker died or lost its server (last: {last_down})"
+                if last_down
+                else "every Ray worker died and none could be restarted"
+            )
             raise LongreachError(
-                f"every Ray worker died and none could be restarted; {left} cells were not "
-                "computed; finished cells are saved: run the command again."
+                f"{why}; {left} cells were not computed; finished cells are saved: run the "
+                "command again."
             )
 
     def close(self) -> None:
