@@ -477,3 +477,71 @@ def spans_attention(full: set, window: int):
         return _finish(scores, visible, value, query)
 
     return attention
+
+
+def hip_attention(*, k, block, sinks, window, chunk, dense_layers=0, calls=(0,)):
+    """HiP (Lee et al., 2024) simulated in float64 on a whole sequence split into model calls.
+
+    Each call is cut into query chunks of ``chunk``. For a chunk starting at s, the keys
+    before ``far = max(sinks, s - window + 1)`` from ``sinks`` on form ``nb`` blocks of
+    ``block``; per KV head, spans of blocks start as ``min(2k, nb)`` near-equal parts
+    (floor(i * nb / m)), each scored by its centre token ``sinks + floor((lo + hi) * block / 2)``
+    (at most the last block token) as the best query of the chunk summed over the KV head's
+    query heads; the best k spans are kept and halved (mid = floor((lo + hi + 1) / 2)) until
+    all are single blocks (all blocks when nb <= k). A query i sees the band i - j < window,
+    the sinks, the keys from the end of the blocks on, and its head's chosen blocks.
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, kk = query[0].double(), key[0].double()
+        hq, n, d = q.shape
+        hkv = kk.shape[0]
+        g = hq // hkv
+        j = torch.arange(n)
+        visible = torch.zeros(hq, n, n, dtype=torch.bool)
+        bounds = [*calls, n]
+        for p0, p1 in zip(bounds, bounds[1:], strict=False):
+            for s in range(p0, p1, chunk):
+                e = min(p1, s + chunk)
+                for i in range(s, e):
+                    visible[:, i] = j <= i
+                if module.layer_idx < dense_layers:
+                    continue
+                far = max(sinks, s - window + 1)
+                nb = (far - sinks) // block
+                gap = sinks + nb * block
+                for h in range(hkv):
+                    if nb <= k:
+                        chosen = list(range(nb))
+                    else:
+                        m = min(2 * k, nb)
+                        spans = [(a * nb // m, (a + 1) * nb // m) for a in range(m)]
+                        while True:
+
+                            def score(span, h=h, s=s, e=e, nb=nb):
+                                lo, hi = span
+                                c = min(sinks + (lo + hi) * block // 2, sinks + nb * block - 1)
+                                dots = q[h * g : (h + 1) * g, s:e] @ kk[h, c]  # (g, r)
+                                return float(dots.max(dim=1).values.sum())
+
+                            ranked = sorted(spans, key=score, reverse=True)[:k]
+                            if all(hi - lo <= 1 for lo, hi in ranked):
+                                chosen = sorted(lo for lo, _ in ranked)
+                                break
+                            spans = []
+                            for lo, hi in ranked:
+                                if hi - lo > 1:
+                                    mid = (lo + hi + 1) // 2
+                                    spans += [(lo, mid), (mid, hi)]
+                                else:
+                                    spans.append((lo, hi))
+                    blocks = torch.zeros(n, dtype=torch.bool)
+                    for b in chosen:
+                        blocks[sinks + b * block : sinks + (b + 1) * block] = True
+                    for i in range(s, e):
+                        seen = (j <= i) & ((i - j < window) | (j < sinks) | (j >= gap) | blocks)
+                        visible[h * g : (h + 1) * g, i] = seen
+        scores = (q @ kk.repeat_interleave(g, 0).transpose(-1, -2)) * scaling
+        return _finish(scores[None], visible[None], value, query)
+
+    return attention

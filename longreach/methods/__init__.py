@@ -8,6 +8,7 @@ importing it below.
 from longreach.methods import (  # noqa: F401 - register
     dynamic_ntk,
     h2o,
+    hip,
     infiniretri,
     infllm,
     lm_infinite,
