@@ -36,6 +36,7 @@ from longreach.bench.cost import PeakMemory, Timer
 from longreach.bench.grid import BenchConfig, format_length
 from longreach.bench.store import Cell, ResultStore, cell_key, stored_keys
 from longreach.errors import LongreachError
+from longreach.prefill import planned_length
 from longreach.tasks import RAW, FileTask, PromptFormat, Sample, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -278,10 +279,11 @@ def _prefill(
     # The same loop, for a cache that already holds a shared prefix or several kept logits.
     tail = max(keep, 1)
     body, rest = ids[: len(ids) - tail], ids[len(ids) - tail :]
-    for start in range(0, len(body), chunk):
-        part = body[start : start + chunk]
-        _, cache = _forward(model, part, cache, past + start, 1)
-    return _forward(model, rest, cache, past + len(body), keep)
+    with planned_length(past + len(ids)):  # length-dependent methods: one input, not chunks
+        for start in range(0, len(body), chunk):
+            part = body[start : start + chunk]
+            _, cache = _forward(model, part, cache, past + start, 1)
+        return _forward(model, rest, cache, past + len(body), keep)
 
 
 class _SharedPrefix:
@@ -393,9 +395,10 @@ def _perplexity(
     split = len(ids) - n - 1
     t0 = timer.now()
     cache = None
-    if split > 0:
-        _, cache = _prefill(model, ids[:split], None, 0, chunk)
-    logits, _ = _prefill(model, ids[split:], cache, split, None, keep=0)
+    with planned_length(len(ids)):  # prefix and scored part are one input
+        if split > 0:
+            _, cache = _prefill(model, ids[:split], None, 0, chunk)
+        logits, _ = _prefill(model, ids[split:], cache, split, None, keep=0)
     prefill_s = timer.now() - t0
     targets = torch.tensor(ids[split + 1 :], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets).item()
