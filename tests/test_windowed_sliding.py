@@ -321,3 +321,21 @@ def test_the_dense_fallback_never_runs_a_methods_layout_silently():
         "overlays); pass a 2-D padding mask or none (the dense fallback would silently "
         "compute plain causal attention instead)."
     )
+
+
+@torch.no_grad()
+def test_a_custom_layout_refuses_a_sliding_cache_that_dropped_keys():
+    from longreach.attention import LambdaLayout
+
+    model = tiny_model("mistral-swa")
+    ids = tokens(201)
+    with hf.use(model, LambdaLayout(sinks=4, window=32)):
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :200], use_cache=True, **compat.forward_kwargs(model, cache, 0, 200))
+        with pytest.raises(LongreachError) as err:
+            model(ids[:, 200:], use_cache=True, **compat.forward_kwargs(model, cache, 200, 1))
+    assert str(err.value) == (
+        "LambdaLayout addresses keys by position from the start of the input, but this "
+        "sliding-window KV cache dropped the oldest ones; pass a cache that keeps every key "
+        "(transformers.DynamicCache() without a config)."
+    )

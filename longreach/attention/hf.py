@@ -203,6 +203,14 @@ def attention_forward(
             f"the layout {type(layout).__name__} does not support sliding-window attention "
             "layers (this model's sliding window); use a model without one."
         )
+    if window is not None and attention_mask.kv_offset > 0 and not isinstance(layout, CausalLayout):
+        # Only plain causal attention depends on distances alone; a layout's absolute slots
+        # (sinks, blocks) would point at the wrong keys once the sliding cache dropped some.
+        raise LongreachError(
+            f"{type(layout).__name__} addresses keys by position from the start of the input, "
+            "but this sliding-window KV cache dropped the oldest ones; pass a cache that keeps "
+            "every key (transformers.DynamicCache() without a config)."
+        )
     call = AttentionCall(
         module,
         getattr(module, "layer_idx", 0),
