@@ -10,6 +10,8 @@ handled here:
   4.x-era ``rope_scaling`` + ``rope_theta`` attributes that some saved configs still carry;
 - private torch ops reached through one function each (see below);
 - loading a GGUF file: 5.24 keeps quantized weights packed unless told to dequantize.
+- sliding-window attention: which layers slide (:func:`sliding_windows`) and how the mask
+  interface is told (:func:`sliding_window_of`).
 
 Everything else in longreach calls these helpers instead of testing versions itself.
 """
@@ -287,6 +289,69 @@ def mask_query_range(mask_kwargs: dict[str, Any]) -> tuple[int, int]:
         raise TypeError("the attention-mask function got neither q_length nor cache_position")
     q_length = int(cache_position.shape[0])
     return (int(cache_position[0]) if q_length else 0), q_length
+
+
+def _closure(fn: Any) -> dict[str, Any]:
+    """The free variables a closure captured, by name (empty for a plain function)."""
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None or len(code.co_freevars) != len(cells):
+        return {}
+    try:
+        return {
+            name: cell.cell_contents for name, cell in zip(code.co_freevars, cells, strict=True)
+        }
+    except ValueError:  # an empty cell
+        return {}
+
+
+def sliding_window_of(mask_function: Any, mask_kwargs: dict[str, Any]) -> int | None:
+    """The window w when ``mask_function`` is exactly transformers' sliding-window causal mask.
+
+    That mask lets query i see key j when ``0 <= i - j < w``. transformers 5.2 to 5.24 build
+    it as ``and_masks(sliding_window_overlay(w), causal_mask_function)`` and pass
+    ``local_size=w`` to the mask interface; both are checked (the closures' code objects and
+    captured values), so any further overlay (packed sequences, image tokens, a chunked or
+    bidirectional window) gives None and is not mistaken for a plain window.
+    """
+    window = mask_kwargs.get("local_size")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return None
+    from transformers import masking_utils as mu
+
+    expected = mu.sliding_window_causal_mask_function(window)
+    if getattr(mask_function, "__code__", None) is not expected.__code__:
+        return None
+    parts = _closure(mask_function).get("mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    overlay, causal = parts
+    if causal is not mu.causal_mask_function:
+        return None
+    if getattr(overlay, "__code__", None) is not mu.sliding_window_overlay(window).__code__:
+        return None
+    return window if _closure(overlay).get("sliding_window") == window else None
+
+
+def sliding_windows(model: torch.nn.Module) -> dict[int, int | None]:
+    """Each attention layer's sliding window in tokens (None: full attention), by layer index.
+
+    Qwen2-style models choose per layer (``config.layer_types``, from ``use_sliding_window``
+    and ``max_window_layers``) and store the choice on the module as ``sliding_window``;
+    Mistral and Phi-3 apply ``config.sliding_window`` to every layer. Read from the modules
+    that call the attention function (those with a ``layer_idx`` and KV groups).
+    """
+    out: dict[int, int | None] = {}
+    for m in model.modules():
+        if not (hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")):
+            continue
+        config = getattr(m, "config", None)
+        if hasattr(m, "sliding_window"):
+            window = m.sliding_window
+        else:
+            window = getattr(config, "sliding_window", None)
+        out[int(m.layer_idx)] = int(window) if window else None
+    return out
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:

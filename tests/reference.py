@@ -94,6 +94,10 @@ def lambda_mask(length: int, sinks: int, window: int) -> torch.Tensor:
 # float64, rotates queries and keys to the positions the method's paper assigns to each
 # pair, and applies a full n x n (or per-query) softmax. ``reference_logits`` runs a model
 # with one of them.
+#
+# On a sliding-window layer (transformers passes the layer's ``sliding_window`` to the
+# attention function) a key w or more tokens before the query is never attended, on top of
+# the method's rule; for streaming the distance is counted inside its cache.
 
 
 def rope64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -119,6 +123,13 @@ def _scores(q, k, q_pos, k_pos, inv_freq, scale):
     return (rope64(q, q_pos, inv_freq) @ kk.transpose(-1, -2)) * scale
 
 
+def _model_window(kwargs, n):
+    """(n, n) bool: pairs the layer's own sliding window allows (all when it has none)."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    window = kwargs.get("sliding_window")
+    return (i - j < window) if window else torch.ones(n, n, dtype=torch.bool)
+
+
 def _finish(scores, visible, value, query):
     groups = query.shape[1] // value.shape[1]
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
@@ -139,7 +150,7 @@ def self_extend_attention(window: int, group: int, inv_freq: torch.Tensor):
             q, k, pos // group + window - window // group, pos // group, inv_freq, scaling
         )
         scores = torch.where(i - j < window, normal, grouped)
-        return _finish(scores, j <= i, value, query)
+        return _finish(scores, (j <= i) & _model_window(kwargs, n), value, query)
 
     return attention
 
@@ -155,7 +166,8 @@ def lm_infinite_attention(sinks: int, window: int, cap: int, inv_freq: torch.Ten
         normal = _scores(q, k, pos, pos, inv_freq, scaling)
         capped = _scores(q, k, torch.full((n,), cap), torch.zeros(n), inv_freq, scaling)
         scores = torch.where(i - j < cap, normal, capped)
-        return _finish(scores, (j <= i) & ((i - j < window) | (j < sinks)), value, query)
+        visible = (j <= i) & ((i - j < window) | (j < sinks)) & _model_window(kwargs, n)
+        return _finish(scores, visible, value, query)
 
     return attention
 
@@ -179,7 +191,10 @@ def streaming_attention(sinks: int, window: int, inv_freq: torch.Tensor):
             slot = torch.arange(len(cache))
             keys = rope64(kk[:, :, cache], slot, inv_freq)
             qt = rope64(q[:, :, t : t + 1], slot[-1:], inv_freq)
-            w = torch.softmax((qt @ keys.transpose(-1, -2)) * scaling, dim=-1)
+            s = (qt @ keys.transpose(-1, -2)) * scaling
+            if kwargs.get("sliding_window"):  # the window counts slots of the cache
+                s = s.masked_fill(slot[-1] - slot >= kwargs["sliding_window"], float("-inf"))
+            w = torch.softmax(s, dim=-1)
             out[:, :, t : t + 1] = w @ v[:, :, cache]
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -156,6 +156,29 @@ def test_perplexity_matches_a_direct_forward(tmp_path, lm):
     assert cell.metric == "perplexity" and cell.depth is None and cell.new_tokens == 0
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_dynamic_ntk_perplexity_is_one_forward_over_the_input(tmp_path, lm, chunk):
+    """Prefix (chunked or not) and scored part are one input: one RoPE scale, as one forward."""
+    import longreach as lr
+
+    model, tok = lm  # trained length 256: dynamic NTK rescales at 400 tokens
+    spec = "dynamic-ntk:factor=4"
+    config = _config(
+        tmp_path, methods=[spec], tasks=["perplexity:last=50"], lengths=[400], samples=1,
+        chunk=chunk,
+    )  # fmt: skip
+    run_bench(config, model=model, tokenizer=tok)
+    with ResultStore(config.db) as store:
+        (cell,) = store.cells()
+    ids = torch.tensor([tok(cell.prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), lr.extend(model, spec):
+        logits = model(ids).logits[0]
+    nll = torch.nn.functional.cross_entropy(logits[-51:-1], ids[0, -50:]).item()
+    assert cell.meta["nll"] == pytest.approx(nll, abs=1e-6), (
+        f"stored nll {cell.meta['nll']:.7f}, one forward gives {nll:.7f}"
+    )
+
+
 def test_chunked_prefill_equals_one_pass(lm):
     from longreach.prefill import score
 

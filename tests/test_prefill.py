@@ -6,10 +6,11 @@ import pytest
 import torch
 from tiny import FAMILIES, tiny_model
 
+import longreach as lr
 import longreach.attention as la
 from longreach import compat
 from longreach.errors import LongreachError
-from longreach.prefill import greedy, prefill
+from longreach.prefill import advance, current_planned_length, greedy, planned_length, prefill
 
 
 def _ids(batch=2, n=53, seed=0):
@@ -127,3 +128,67 @@ def test_greedy_stops_at_any_eos_id_and_at_the_stop_rule():
     stopped = greedy(model, prefill(model, ids), 12, stop=after_four)[0].tolist()
     assert stopped == free[:4], f"stop rule gave {stopped}, expected {free[:4]}"
     assert seen == [1, 2, 3, 4], f"stop saw lengths {seen}"
+
+
+def _dynamic_model():
+    model = tiny_model("llama")  # trained length 256: dynamic NTK rescales past it
+    return model, lr.extend(model, "dynamic-ntk", factor=4)
+
+
+@torch.no_grad()
+def test_dynamic_ntk_chunked_prefill_computes_one_forward():
+    model, handle = _dynamic_model()
+    ids = _ids(1, 600)
+    with handle:
+        one = model(ids).logits[:, -1]
+        state = prefill(model, ids, chunk=128)
+        chunked = (state.logits - one).abs().max().item()
+        after_chunks = greedy(model, state, 8)
+        after_one = greedy(model, prefill(model, ids, chunk=600), 8)
+        cache, bare = None, {}
+        for declared in (False, True):
+            with planned_length(600) if declared else _nothing():
+                cache = None
+                for s in range(0, 600, 128):
+                    kwargs = compat.forward_kwargs(model, cache, s, min(128, 600 - s))
+                    out = model(input_ids=ids[:, s : s + 128], use_cache=True, **kwargs)
+                    cache = compat.output_cache(out)
+            bare[declared] = (out.logits[:, -1] - one).abs().max().item()
+    assert chunked <= 1e-5, f"prefill(chunk=128) differs from one forward by {chunked:.2e}"
+    assert torch.equal(after_chunks, after_one), (
+        f"decoding after chunks {after_chunks.tolist()} != after one pass {after_one.tolist()}"
+    )
+    # The rule matters: bare chunked calls rescale per chunk (6.7e-4 measured) unless the
+    # whole input's length is declared.
+    assert bare[False] > 1e-4, f"bare chunked calls differ by only {bare[False]:.2e}"
+    assert bare[True] <= 1e-5, f"declared bare chunks differ by {bare[True]:.2e}"
+
+
+@torch.no_grad()
+def test_dynamic_ntk_chunked_advance_and_padded_prefill_compute_one_call():
+    model, handle = _dynamic_model()
+    ids = _ids(2, 500, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    with handle:
+        one = model(ids[:, :300], attention_mask=mask[:, :300]).logits[:, -1]
+        whole = prefill(model, ids[:, :300], chunk=300, attention_mask=mask[:, :300])
+        parts = prefill(model, ids[:, :300], chunk=64, attention_mask=mask[:, :300])
+        err = (parts.logits - one).abs().max().item()
+        assert err <= 1e-5, f"padded prefill in chunks of 64 differs from one call by {err:.2e}"
+        # a further turn in one call, and in chunks: the same function
+        whole = advance(model, whole, ids[:, 300:], chunk=200)
+        parts = advance(model, parts, ids[:, 300:], chunk=48)
+    err = (parts.logits - whole.logits).abs().max().item()
+    assert err <= 1e-5, f"advance in chunks of 48 differs from one call by {err:.2e}"
+
+
+def test_planned_length_nests_to_the_largest_and_ends_with_its_block():
+    assert current_planned_length() is None
+    with planned_length(500):
+        with planned_length(200):
+            assert current_planned_length() == 500
+        with planned_length(800):
+            assert current_planned_length() == 800
+        assert current_planned_length() == 500
+    assert current_planned_length() is None

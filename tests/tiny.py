@@ -1,7 +1,8 @@
 """Tiny randomly-initialised models built from configs, for fast tests.
 
 ``tiny_model(family)`` returns an fp32 model in eval mode with a fixed seed: Llama,
-Qwen2, Mistral and Gemma, each with grouped-query attention (4 query heads, 2 KV heads).
+Qwen2, Mistral and Gemma, each with grouped-query attention (4 query heads, 2 KV heads),
+sliding windows off; ``"mistral-swa"`` and ``"qwen2-swa"`` (:data:`SLIDING`) turn them on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from transformers import (
 )
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma")
+
+# The same families with sliding-window attention on, the window (96) shorter than the
+# test inputs: every Mistral layer slides; Qwen2's first layer is full, its second slides
+# (use_sliding_window with max_window_layers=1).
+SLIDING = {
+    "mistral-swa": ("mistral", dict(sliding_window=96)),
+    "qwen2-swa": ("qwen2", dict(use_sliding_window=True, sliding_window=96, max_window_layers=1)),
+}
 
 _COMMON = dict(
     vocab_size=256,
@@ -34,6 +43,9 @@ _COMMON = dict(
 
 
 def tiny_config(family: str = "llama", **overrides):
+    if family in SLIDING:
+        family, sliding = SLIDING[family]
+        overrides = {**sliding, **overrides}
     kwargs = dict(_COMMON)
     if family == "llama":
         cls = LlamaConfig

@@ -10,10 +10,18 @@ mask entry transformers skips mask creation for unknown names and padding is sil
 modules (all layers, or some); it returns a handle that restores the previous state, and
 works as a context manager. Modules without an assigned layout run :class:`CausalLayout`.
 
+A sliding-window layer (Mistral, Phi-3, Qwen2 with ``use_sliding_window``) is one more
+region bound: the mask entry recognises transformers' sliding-window causal mask and puts
+its window w on the :class:`SlotMask`; the layout's plan then leaves out every pair more
+than ``w - 1`` slots apart (:meth:`Layout.plan`), so the block kernel still runs.
+
 Anything the block kernel does not express falls back, correctly but densely, to
 transformers' own SDPA path: a 4-D mask passed in by the caller, mask patterns other than
-plain causal (sliding windows, packed sequences, image-token overlays), attention
-dropout during training. Soft-capped logits (Gemma 2/3) raise a clear error.
+plain or sliding-window causal (packed sequences, image-token overlays), attention
+dropout during training. That fallback computes plain causal attention, so it is taken
+only for :class:`CausalLayout`; any other layout (a method's) raises a clear error
+instead of silently computing vanilla attention. Soft-capped logits (Gemma 2/3) raise a
+clear error.
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ class SlotMask:
 
     ``q_offset`` and ``kv_offset`` are the absolute positions of the first query and of the
     first key slot (a sliding cache starts at ``kv_offset > 0``); ``padding`` marks real
-    keys, or is None when no key is padding.
+    keys, or is None when no key is padding. ``window`` is the layer's sliding window w
+    (a query never sees a key ``w`` or more slots before it), None for full attention.
 
     It stands for a (batch, 1, q_length, kv_length) mask and says so through ``ndim`` and
     ``shape``: ``generate`` with a static cache builds the mask ahead of the forward call and
@@ -63,6 +72,7 @@ class SlotMask:
     kv_length: int
     padding: KeyPadding | None = None
     batch_size: int = 1
+    window: int | None = None
 
     ndim = 4
 
@@ -74,7 +84,10 @@ class SlotMask:
         """The (batch, 1, q_length, kv_length) boolean mask this stands for (fallback paths only)."""
         i = torch.arange(self.q_offset, self.q_offset + self.q_length, device=device)[:, None]
         j = torch.arange(self.kv_offset, self.kv_offset + self.kv_length, device=device)[None, :]
-        mask = (j <= i)[None, None].expand(self.batch_size, 1, -1, -1)
+        mask = j <= i
+        if self.window is not None:
+            mask = mask & (i - j < self.window)
+        mask = mask[None, None].expand(self.batch_size, 1, -1, -1)
         if self.padding is not None:
             mask = mask & self.padding.keep.to(device)[:, None, None, :]
         return mask
@@ -105,10 +118,14 @@ def mask_function(
 
     if isinstance(attention_mask, SlotMask):
         return attention_mask  # made ahead of this forward call (generate with a static cache)
+    window = None
     if mask_function is not None and mask_function is not causal_mask_function:
+        window = compat.sliding_window_of(mask_function, kwargs)
+    if window is None and mask_function is not None and mask_function is not causal_mask_function:
         _warn_once(
-            "longreach attention: this model uses a mask pattern other than plain causal "
-            "(sliding window, packing or an overlay); those layers run transformers' dense SDPA."
+            "longreach attention: this model uses a mask pattern other than plain or "
+            "sliding-window causal (packing or an overlay); those layers run transformers' "
+            "dense SDPA."
         )
         return _dense_mask(
             batch_size=batch_size,
@@ -130,7 +147,7 @@ def mask_function(
             keep = keep.expand(batch_size, -1)
         if not bool(keep.all()):
             padding = KeyPadding(keep)
-    return SlotMask(q_offset, q_length, kv_offset, kv_length, padding, batch_size)
+    return SlotMask(q_offset, q_length, kv_offset, kv_length, padding, batch_size, window)
 
 
 def attention_forward(
@@ -149,14 +166,22 @@ def attention_forward(
             "longreach attention does not support attention-logit soft-capping (Gemma 2/3); "
             "use this model with attn_implementation='eager'."
         )
+    layout = _LAYOUTS.get(module, _DEFAULT)
     dense = (
         isinstance(attention_mask, torch.Tensor)
         or (dropout > 0.0 and module.training)
         or not getattr(module, "is_causal", True)
     )
     if dense:
+        if not isinstance(layout, CausalLayout):
+            raise LongreachError(
+                f"longreach attention cannot apply {type(layout).__name__} here: "
+                f"{_dense_reason(attention_mask, dropout, module)} (the dense fallback would "
+                "silently compute plain causal attention instead)."
+            )
         if isinstance(attention_mask, SlotMask):
-            if attention_mask.padding is None and query.shape[-2] == key.shape[-2]:
+            plain = attention_mask.window is None or attention_mask.window >= key.shape[-2]
+            if plain and attention_mask.padding is None and query.shape[-2] == key.shape[-2]:
                 attention_mask = None  # plain causal: SDPA's is_causal handles it
             else:
                 attention_mask = attention_mask.dense(query.device)
@@ -166,12 +191,26 @@ def attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     q_len, kv_len = query.shape[-2], key.shape[-2]
+    window = None
     if isinstance(attention_mask, SlotMask):
         q_offset = attention_mask.q_offset - attention_mask.kv_offset
         padding = attention_mask.padding
+        window = attention_mask.window
     else:  # no mask made (called outside a model forward): the queries are the newest keys
         q_offset, padding = kv_len - q_len, None
-    layout = _LAYOUTS.get(module, _DEFAULT)
+    if window is not None and not layout.windows:
+        raise LongreachError(
+            f"the layout {type(layout).__name__} does not support sliding-window attention "
+            "layers (this model's sliding window); use a model without one."
+        )
+    if window is not None and attention_mask.kv_offset > 0 and not isinstance(layout, CausalLayout):
+        # Only plain causal attention depends on distances alone; a layout's absolute slots
+        # (sinks, blocks) would point at the wrong keys once the sliding cache dropped some.
+        raise LongreachError(
+            f"{type(layout).__name__} addresses keys by position from the start of the input, "
+            "but this sliding-window KV cache dropped the oldest ones; pass a cache that keeps "
+            "every key (transformers.DynamicCache() without a config)."
+        )
     call = AttentionCall(
         module,
         getattr(module, "layer_idx", 0),
@@ -182,6 +221,7 @@ def attention_forward(
         padding,
         context.current_memory(),
         scaling,
+        window,
     )
     out = None
     for work in layout.prepare(call):
@@ -210,6 +250,17 @@ def attention_forward(
         if work.done is not None:
             work.done(o, lse)
     return out.transpose(1, 2), None
+
+
+def _dense_reason(attention_mask: Any, dropout: float, module: torch.nn.Module) -> str:
+    if isinstance(attention_mask, torch.Tensor):
+        return (
+            "this call has a dense 4-D attention mask or a mask pattern the block kernel cannot "
+            "express (packed sequences, overlays); pass a 2-D padding mask or none"
+        )
+    if not getattr(module, "is_causal", True):
+        return "this attention is not causal; use a causal language model"
+    return f"attention dropout ({dropout}) is on in training mode; call model.eval()"
 
 
 def register() -> None:

@@ -15,6 +15,10 @@ cache: token indices), so a query at slot ``i`` of a causal model sees ``d = i -
 - Self-Extend: ``Region(d=(0, W - 1))`` plus ``Region(d=(W, None), pset=1)``
 - retrieved blocks: ``Region(q=query_block, k=key_block, d=(window, None))`` per block
 
+A model's sliding window w (Mistral, Phi-3, some Qwen2 layers) is one more bound on every
+region: ``d <= w - 1`` (:func:`within_window`), so a method's layout and the model's
+window combine into regions again.
+
 :func:`plan` turns regions into a :class:`Plan`: query tiles of at most ``block`` rows,
 each a list of :class:`Piece` s of three kinds, all computed without any mask:
 
@@ -37,7 +41,7 @@ import enum
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from longreach.errors import LongreachError
 
@@ -56,6 +60,7 @@ __all__ = [
     "Work",
     "check_disjoint",
     "plan",
+    "within_window",
 ]
 
 _BIG = 1 << 62  # stands for an unbounded end
@@ -270,6 +275,25 @@ def check_disjoint(regions: Sequence[Region], q_range: tuple[int, int], kv_len: 
                 )
 
 
+def within_window(regions: Iterable[Region], window: int | None) -> tuple[Region, ...]:
+    """``regions`` restricted to pairs closer than ``window`` (``i - j <= window - 1``).
+
+    A sliding-window layer never attends a key ``window`` or more slots before the query;
+    that is one more bound on each region's ``d``. Regions left empty are dropped; None
+    (no window) changes nothing.
+    """
+    regions = tuple(regions)
+    if window is None:
+        return regions
+    out = []
+    for r in regions:
+        hi = window - 1 if r.d[1] is None else min(r.d[1], window - 1)
+        if r.d[0] is not None and r.d[0] > hi:
+            continue
+        out.append(Region(r.q, r.k, (r.d[0], hi), r.pset))
+    return tuple(out)
+
+
 def plan(
     regions: Sequence[Region],
     q_len: int,
@@ -354,7 +378,9 @@ class AttentionCall:
     ``query`` (B, Hq, Lq, D) and ``key``/``value`` (B, Hkv, S, D) are what transformers
     passes (keys and values as the cache's ``update`` returned them); ``q_offset`` is the
     slot of the first query among the keys; ``padding`` a ``KeyPadding`` or None; ``memory``
-    the model call's published memory (:mod:`longreach.attention.context`), or None.
+    the model call's published memory (:mod:`longreach.attention.context`), or None;
+    ``window`` the layer's sliding window (keys ``window`` or more slots back are never
+    attended), None for full attention.
     """
 
     module: Any
@@ -366,6 +392,7 @@ class AttentionCall:
     padding: Any = None
     memory: Any = None
     scale: float | None = None
+    window: int | None = None
 
 
 @dataclass
@@ -395,31 +422,49 @@ class Layout:
     Λ layout 1.4x faster at 16k). A layout that scores some regions with other
     positions (``pset >= 1``) also overrides :meth:`position_sets`; one whose regions depend
     on the tensors (retrieval) overrides :meth:`plan_for`.
+
+    On a sliding-window layer the plan also drops every pair ``window`` or more slots
+    apart (:meth:`windowed_regions`). ``windows`` says whether :meth:`prepare` honours
+    :attr:`AttentionCall.window`; a layout that overrides :meth:`prepare` without doing
+    so sets it False, and the attention function then refuses sliding-window layers.
     """
 
     block: int = 1024
+    windows: ClassVar[bool] = True
 
     def regions(self, q_len: int, kv_len: int, q_offset: int) -> Sequence[Region]:
         raise NotImplementedError
 
-    def plan(self, q_len: int, kv_len: int, q_offset: int | None = None) -> Plan:
+    def windowed_regions(
+        self, q_len: int, kv_len: int, q_offset: int, window: int | None
+    ) -> Sequence[Region]:
+        """:meth:`regions` on a layer with sliding window ``window`` (None: full attention).
+
+        The default bounds every region by ``i - j <= window - 1`` (:func:`within_window`):
+        slots are the distances the model's window counts. A layout whose slots are not
+        (a cache that evicts) overrides it.
+        """
+        return within_window(self.regions(q_len, kv_len, q_offset), window)
+
+    def plan(
+        self, q_len: int, kv_len: int, q_offset: int | None = None, window: int | None = None
+    ) -> Plan:
         """The plan for these sizes; cached when the layout is hashable (a frozen dataclass)."""
         if q_offset is None:
             q_offset = kv_len - q_len
         try:
-            return _cached_plan(self, q_len, kv_len, q_offset)
+            return _cached_plan(self, q_len, kv_len, q_offset, window)
         except TypeError:  # unhashable layout
-            return plan(
-                self.regions(q_len, kv_len, q_offset), q_len, kv_len, q_offset, self.tile_rows()
-            )
+            regions = self.windowed_regions(q_len, kv_len, q_offset, window)
+            return plan(regions, q_len, kv_len, q_offset, self.tile_rows())
 
     def tile_rows(self) -> int:
         """Query rows per tile (``block``; layouts may derive it from their parameters)."""
         return self.block
 
-    def plan_for(self, module, query, key, q_offset: int) -> Plan:
+    def plan_for(self, module, query, key, q_offset: int, window: int | None = None) -> Plan:
         """The plan for one attention call; override to choose regions from the tensors."""
-        return self.plan(query.shape[-2], key.shape[-2], q_offset)
+        return self.plan(query.shape[-2], key.shape[-2], q_offset, window)
 
     def position_sets(self, module, query, key, q_offset: int) -> Sequence:
         """Tensors for ``pset`` 1, 2, ...: a sequence of :class:`~longreach.attention.kernel.PositionSet`."""
@@ -435,17 +480,18 @@ class Layout:
         """
         return (
             Work(
-                self.plan_for(call.module, call.query, call.key, call.q_offset),
+                self.plan_for(call.module, call.query, call.key, call.q_offset, call.window),
                 self.position_sets(call.module, call.query, call.key, call.q_offset),
             ),
         )
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_plan(layout: Layout, q_len: int, kv_len: int, q_offset: int) -> Plan:
-    return plan(
-        layout.regions(q_len, kv_len, q_offset), q_len, kv_len, q_offset, layout.tile_rows()
-    )
+def _cached_plan(
+    layout: Layout, q_len: int, kv_len: int, q_offset: int, window: int | None = None
+) -> Plan:
+    regions = layout.windowed_regions(q_len, kv_len, q_offset, window)
+    return plan(regions, q_len, kv_len, q_offset, layout.tile_rows())
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from longreach.bench.plan import ModelFacts, PlannedCell, build_plan, library_ve
 from longreach.bench.store import Cell, ResultStore, stored_keys
 from longreach.bench.summary import NOT_APPLICABLE
 from longreach.errors import LongreachError
-from longreach.prefill import Prefill, greedy, prefill, score
+from longreach.prefill import Prefill, greedy, planned_length, prefill, score
 from longreach.tasks import PromptFormat, Sample, Task
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,13 @@ def _perplexity(
     n = int(sample.meta["scored_tokens"])
     split = len(ids) - n - 1
     t0 = timer.now()
-    if split > 0:
-        state = _prefill(model, ids[:split], None, 0, chunk)
-    else:
-        split, state = 0, Prefill(None, torch.empty(0), 0)
-    x = torch.tensor([ids[split:]], dtype=torch.long, device=model.device)
-    logits = score(model, state, x)
+    with planned_length(len(ids)):  # prefix and scored part are one input
+        if split > 0:
+            state = _prefill(model, ids[:split], None, 0, chunk)
+        else:
+            split, state = 0, Prefill(None, torch.empty(0), 0)
+        x = torch.tensor([ids[split:]], dtype=torch.long, device=model.device)
+        logits = score(model, state, x)
     prefill_s = timer.now() - t0
     targets = torch.tensor(ids[split + 1 :], device=logits.device)
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], targets).item()

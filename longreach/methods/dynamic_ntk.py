@@ -10,6 +10,7 @@ import torch
 from longreach.methods.base import Patch, param
 from longreach.methods.registry import register
 from longreach.methods.rope import RopeMethod, default_inv_freq, ntk_base, set_frequencies
+from longreach.prefill import current_planned_length
 
 
 def dynamic_ntk_frequencies(
@@ -46,6 +47,14 @@ class DynamicNTK(RopeMethod):
     length only, so a later shorter input gets them back. (transformers 5.2 never
     resets them after a long input; 5.24 keeps those of the longest input seen while a
     later input is still longer than L.)
+
+    Chunked prefill: the length n is that of the whole input being prefilled, which
+    ``longreach.prefill.prefill`` (and ``advance``) announce before the first chunk
+    (``planned_length``), so prefill in chunks of any size computes what one forward
+    computes. A forward call outside such an announcement uses its own largest
+    position: feeding one input in several bare calls (transformers'
+    ``prefill_chunk_size``, or a loop of your own without ``planned_length``) rotates
+    early chunks' keys with the scale of a shorter length, a different function.
 
     Cached keys during decoding: each step recomputes the base for the new length,
     but keys already in the KV cache keep the rotation they got when they were
@@ -98,6 +107,9 @@ class DynamicNTK(RopeMethod):
             if position_ids is None:
                 return
             seq_len = int(position_ids.max()) + 1
+            planned = current_planned_length()  # a chunked prefill's whole input
+            if planned is not None:
+                seq_len = max(seq_len, planned)
             if seq_len <= target.trained_length:
                 seq_len = None  # one state for every length up to L: the original buffer
             if seq_len == last_length[0]:

@@ -31,7 +31,7 @@ from longreach.memory.block_cache import BlockMemoryCache, MemoryLayer
 from longreach.memory.store import KV_DTYPES
 from longreach.methods.base import ATTENTION, CACHE, Method, Patch, param
 from longreach.methods.registry import register
-from longreach.methods.windowed import rotary_module
+from longreach.methods.windowed import rotary_module, sliding_windows
 
 _SCORE_KEYS = 256  # keys per step of the representative-score pass
 
@@ -65,6 +65,7 @@ class InfLLMLayout(Layout):
     per_head: bool = False
     true_positions: bool = False
     rotary: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    windows: ClassVar[bool] = False  # prepare() plans its own regions, with no sliding window
 
     def inv_freq(self) -> torch.Tensor:
         return self.rotary.inv_freq
@@ -385,6 +386,11 @@ class InfLLM(Method):
         rotary_module(model, self.name)
         if not hf.attention_modules(model):
             self.fail(f"{type(model).__name__} has no attention modules that longreach recognises.")
+        if sliding_windows(model):
+            self.fail(
+                f"{type(model).__name__} has sliding-window attention layers, which infllm's "
+                "memory layout does not combine with yet; use a model without a sliding window."
+            )
         self.geometry(model)
 
     def layout(self, model: torch.nn.Module) -> InfLLMLayout:

@@ -120,7 +120,7 @@ class LMInfinite(WindowedMethod):
 
     def check_model(self, model: torch.nn.Module) -> None:
         super().check_model(model)
-        self.resolved(model)
+        self.refuse_if_unchanged(model, self.resolved(model)[0], "window")
 
     def layout(self, model: torch.nn.Module, rotary: torch.nn.Module) -> LMInfiniteLayout:
         window, cap = self.resolved(model)

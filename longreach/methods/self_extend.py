@@ -115,6 +115,7 @@ class SelfExtend(WindowedMethod):
         length = self.trained_length(model)
         if self.window_for(model) > length:
             self._window_too_large(self.window_for(model), length)
+        self.refuse_if_unchanged(model, self.window_for(model), "window")
 
     def layout(self, model: torch.nn.Module, rotary: torch.nn.Module) -> SelfExtendLayout:
         return SelfExtendLayout(rotary=rotary, window=self.window_for(model), group=self.group)

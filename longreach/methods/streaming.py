@@ -14,7 +14,13 @@ from longreach.attention import PositionSet, Region, rotate
 from longreach.errors import LongreachError
 from longreach.methods.base import ATTENTION, CACHE, Patch, param
 from longreach.methods.registry import register
-from longreach.methods.windowed import WindowedLayout, WindowedMethod, rotary_module, slots
+from longreach.methods.windowed import (
+    WindowedLayout,
+    WindowedMethod,
+    rotary_module,
+    sliding_windows,
+    slots,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,18 @@ class StreamingLayout(WindowedLayout):
         if self.sinks == 0:
             return (band,)
         return (band, Region(k=(0, self.sinks), d=(self.window, None), pset=1))
+
+    def windowed_regions(
+        self, q_len: int, kv_len: int, q_offset: int, window: int | None
+    ) -> Sequence[Region]:
+        # The model's window counts slots of the cache, where no key is more than
+        # sinks + window - 1 from the query; Streaming.check_model keeps that below it.
+        if window is not None and self.sinks + self.window > window:
+            raise LongreachError(
+                f"streaming: sinks + window ({self.sinks} + {self.window}) exceed this layer's "
+                f"sliding window ({window}); use window <= {window - self.sinks}."
+            )
+        return self.regions(q_len, kv_len, q_offset)
 
     def position_sets(self, module, query, key, q_offset: int) -> Sequence[PositionSet]:
         if self.sinks == 0:
@@ -187,8 +205,9 @@ class Streaming(WindowedMethod):
 
     Parameters:
         sinks: starting tokens always kept (default 4, the paper's choice).
-        window: recent tokens kept, the current one included (default: the trained length
-            minus ``sinks``); ``sinks + window`` must not exceed the trained length.
+        window: recent tokens kept, the current one included (default: the trained length,
+            or the model's sliding window when shorter, minus ``sinks``); ``sinks + window``
+            must not exceed either.
         original_max: L, the trained length (default: the model's own).
     """
 
@@ -227,8 +246,16 @@ class Streaming(WindowedMethod):
 
     def resolved_window(self, model: torch.nn.Module) -> int:
         length = self.trained_length(model)
-        window = self.window if self.window is not None else length - self.sinks
+        sliding = min(sliding_windows(model), default=None)
+        limit = length if sliding is None else min(length, sliding)
+        window = self.window if self.window is not None else limit - self.sinks
         self._check_size(window, length)
+        if sliding is not None and self.sinks + window > sliding:
+            self.fail(
+                f"sinks + window ({self.sinks} + {window}) must not exceed the model's sliding "
+                f"window ({sliding}): its sliding layers would drop the sinks; pass window <= "
+                f"{sliding - self.sinks}."
+            )
         return window
 
     def check_model(self, model: torch.nn.Module) -> None:

@@ -26,7 +26,7 @@ import torch
 from longreach.attention import hf
 from longreach.attention.layout import Layout
 from longreach.errors import LongreachError
-from longreach.methods.base import ATTENTION, Method, Patch
+from longreach.methods.base import ATTENTION, CACHE, Method, Patch
 
 NAME = "longreach-windowed"
 
@@ -46,6 +46,12 @@ def windowed_attention(
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` entry: the module's block layout, each left-padded row on its own."""
     mask = attention_mask
+    if isinstance(mask, hf.SlotMask) and mask.kv_offset > 0:
+        raise LongreachError(
+            "windowed methods address keys by their position from the start of the input, "
+            "but this KV cache dropped the oldest ones (a sliding-window cache); let the "
+            "method make the cache (pass no cache, or the extension's new_cache())."
+        )
     padding = mask.padding if isinstance(mask, hf.SlotMask) else None
     if padding is None:
         return hf.attention_forward(
@@ -68,7 +74,7 @@ def windowed_attention(
         if q0 >= q_offset + q_len:
             continue  # every query of this row is padding: its output is never used
         q_b = query[row : row + 1, :, q0 - q_offset :]
-        row_mask = hf.SlotMask(q0 - start, q_b.shape[-2], 0, kv_len - start, None)
+        row_mask = hf.SlotMask(q0 - start, q_b.shape[-2], 0, kv_len - start, None, 1, mask.window)
         o, _ = hf.attention_forward(
             module,
             q_b,
@@ -137,9 +143,22 @@ def rotary_module(model: torch.nn.Module, method: str) -> torch.nn.Module:
     return rotary
 
 
+def sliding_windows(model: torch.nn.Module) -> list[int]:
+    """The sliding windows of ``model``'s sliding-window layers (empty when none slides)."""
+    from longreach import compat
+
+    return [w for w in compat.sliding_windows(model).values() if w is not None]
+
+
 @dataclasses.dataclass
 class WindowedMethod(Method):
-    """Base of the windowed methods: a layout on every attention layer, run by :func:`windowed_attention`."""
+    """Base of the windowed methods: a layout on every attention layer, run by :func:`windowed_attention`.
+
+    On a model with sliding-window layers the layer's window bounds the layout's regions
+    (a key ``w`` or more tokens back is never attended, on top of the method's rule), and
+    the KV cache keeps every key on those layers too: the layouts address keys by their
+    position, which a sliding cache (that drops the oldest keys) would lose.
+    """
 
     touches: ClassVar[frozenset[str]] = frozenset({ATTENTION})
 
@@ -151,8 +170,33 @@ class WindowedMethod(Method):
         if not hf.attention_modules(model):
             self.fail(f"{type(model).__name__} has no attention modules that longreach recognises.")
 
+    def refuse_if_unchanged(self, model: torch.nn.Module, reach: int, param: str) -> None:
+        """Refuse when every layer slides within ``reach`` tokens, where the method changes nothing.
+
+        ``reach``: the distance below which the method keeps the model's own attention
+        (its window parameter ``param``).
+        """
+        windows = sliding_windows(model)
+        if windows and len(windows) == len(hf.attention_modules(model)) and max(windows) <= reach:
+            w = max(windows)
+            self.fail(
+                f"every layer of {type(model).__name__} attends only to its {w} most recent "
+                f"tokens (sliding window), all within {param}={reach}, so {self.name} would "
+                f"change nothing; pass {param} below {w}."
+            )
+
+    def new_cache(self, model: torch.nn.Module) -> Any:
+        """A cache that keeps every key, sliding-window layers included (None: no layer slides)."""
+        if not sliding_windows(model):
+            return None
+        from transformers import DynamicCache
+
+        return DynamicCache()  # no config: every layer a full one
+
     def install(self, model: torch.nn.Module, patch: Patch) -> None:
         layout = self.layout(model, rotary_module(model, self.name))
         handle = hf.use(model, layout)  # assigns the layout to every attention module
         patch.on_undo(handle.restore)
         patch.attention(model, NAME, windowed_attention, hf.mask_function)
+        if CACHE not in self.touches and sliding_windows(model):  # a cache method has its own
+            patch.cache_policy(model, lambda: self.new_cache(model))
