@@ -22,7 +22,8 @@ With ``--decode`` each cell is one (length, method): prefill n random ids, decod
 ``--warmup`` greedy tokens untimed, then ``--decode-repeats`` blocks of ``--decode-tokens``
 tokens, each timed in CPU seconds of this process (one thread: robust to other jobs on the
 core) and in wall seconds; tokens/s is the median over blocks, and the table gives it as a
-ratio to vanilla's at the same length. Cells go to ``--out`` (default
+ratio to vanilla's at the same length (vanilla runs first and again last; its cells'
+median is the reference). Cells go to ``--out`` (default
 benchmarks/results/extend_decode.jsonl) and a rerun skips the finished ones: a 32k prefill
 takes minutes, so the table fills cell by cell.
 
@@ -156,25 +157,37 @@ def measure_decode(
 
 
 def print_decode_tables(records: list[dict]) -> None:
+    """Per length, tokens/s per method (median over its cells) and the ratio to vanilla's."""
     for n in sorted({r["n"] for r in records}):
-        rows = {r["method"]: r for r in records if r["n"] == n}
-        ref = rows.get("vanilla")
+        per: dict[str, list[dict]] = {}
+        for r in records:
+            if r["n"] == n:
+                per.setdefault(r["method"], []).append(r)
+
+        def median(m: str, field: str, per=per) -> float:
+            return statistics.median(r[field] for r in per[m])
+
+        ref = "vanilla" in per
         header = (
-            f"{'method':34s} {'n':>6s} {'tok/s':>7s} {'x vanilla':>9s} {'wall tok/s':>10s} "
-            f"{'x vanilla':>9s} {'cache':>6s} {'prefill s':>9s}"
+            f"{'method':34s} {'n':>6s} {'cells':>5s} {'tok/s':>7s} {'x vanilla':>9s} "
+            f"{'wall tok/s':>10s} {'x vanilla':>9s} {'cache':>6s} {'prefill s':>9s}"
         )
         print(header)
         print("-" * len(header))
-        for m, r in rows.items():
-            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:9.2f}" if ref else f"{'-':>9s}"
-            wall = (
-                f"{r['wall_tokens_per_s'] / ref['wall_tokens_per_s']:9.2f}" if ref else f"{'-':>9s}"
+        for m, rows in per.items():
+            tps, wall = median(m, "tokens_per_s"), median(m, "wall_tokens_per_s")
+            ratio = f"{tps / median('vanilla', 'tokens_per_s'):9.2f}" if ref else f"{'-':>9s}"
+            wratio = (
+                f"{wall / median('vanilla', 'wall_tokens_per_s'):9.2f}" if ref else f"{'-':>9s}"
             )
             print(
-                f"{m:34s} {n:6d} {r['tokens_per_s']:7.2f} {ratio} {r['wall_tokens_per_s']:10.2f} "
-                f"{wall} {r['cache_tokens']:6d} {r['prefill_s']:9.1f}",
+                f"{m:34s} {n:6d} {len(rows):5d} {tps:7.2f} {ratio} {wall:10.2f} {wratio} "
+                f"{rows[0]['cache_tokens']:6d} {median(m, 'prefill_s'):9.1f}",
                 flush=True,
             )
+        if ref and len(per["vanilla"]) > 1:
+            spread = ", ".join(f"{r['tokens_per_s']:.2f}" for r in per["vanilla"])
+            print(f"vanilla cells (first and last of the run): {spread} tok/s")
         print()
 
 
@@ -185,9 +198,12 @@ def run_decode(args, model, dtype) -> None:
     records = []
     if out.exists():
         records = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
-    done = {(r["n"], r["method"]) for r in records}
+    done = {(r["n"], r["method"], r.get("round", 0)) for r in records}
     lengths = [_length(x) for x in args.lengths.split(",")]
     methods = args.methods.split(";") if args.methods else DECODE_METHODS
+    # vanilla again at the end of each length: the reference is the median of both cells,
+    # so that drift over the minutes a length takes does not land on one side of the ratio
+    cells = [(m, 0) for m in methods] + ([("vanilla", 1)] if "vanilla" in methods else [])
     top = min(40000, model.config.vocab_size)
     warm = torch.randint(top // 4, top, (1, 1024))
     for method in methods:  # warm-up: first calls allocate and pick kernels
@@ -195,10 +211,10 @@ def run_decode(args, model, dtype) -> None:
     for n in lengths:
         g = torch.Generator().manual_seed(n)
         ids = torch.randint(top // 4, top, (1, n), generator=g)
-        for method in methods:
-            if (n, method) in done:
+        for method, round_ in cells:
+            if (n, method, round_) in done:
                 continue
-            rec = {"n": n, "method": method}
+            rec = {"n": n, "method": method, "round": round_}
             rec.update(
                 measure_decode(
                     model,
