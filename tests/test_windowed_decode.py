@@ -219,3 +219,19 @@ def test_several_band_tiles_match_the_dense_reference(method, params, layout, mo
         layout_module._cached_plan.cache_clear()
     assert len(plan.tiles) == 6, f"{len(plan.tiles)} tiles, expected 6 of at most 78 rows"
     assert_close(got, want, f"{method} {params} with 78-row tiles")
+
+
+@torch.no_grad()
+def test_streaming_gives_back_the_memory_of_a_long_prompt():
+    model = tiny_model("llama")
+    sinks, window = 4, 60
+    with lr.extend(model, "streaming", sinks=sinks, window=window) as handle:
+        state = prefill(model, tokens(1500, seed=7), chunk=1500, cache=handle.new_cache())
+        keys = state.cache.layers[0].keys
+        slot_bytes = keys.shape[1] * keys.shape[3] * keys.element_size()
+        held = keys.untyped_storage().nbytes() // slot_bytes
+    assert keys.shape[2] == sinks + window - 1
+    assert held <= 2 * (sinks + window), (
+        f"after a 1500-token prompt the key buffer holds {held} slots, expected <= "
+        f"{2 * (sinks + window)}"
+    )

@@ -61,7 +61,8 @@ class StreamingCache(DynamicCache):
     un-rotates the new keys and returns all stored keys rotated by their slot in the
     cache, so no position ever exceeds the cache size. After every forward call the
     method's hook calls :meth:`evict`, which keeps ``sinks + window - 1`` tokens (the next
-    token makes ``sinks + window``) and really frees the rest (new, smaller tensors).
+    token makes ``sinks + window``) and really frees the rest (the buffers below are cut back
+    to about twice the cache size after a long call; with padding, new smaller tensors).
 
     In a left-padded batch each row keeps its own first real tokens as sinks; rows with
     fewer real tokens keep some padding slots in front (masked), so every row has the
