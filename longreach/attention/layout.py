@@ -58,6 +58,7 @@ __all__ = [
     "RegionLayout",
     "Tile",
     "Work",
+    "band_tile_rows",
     "check_disjoint",
     "plan",
     "within_window",
@@ -486,6 +487,22 @@ class Layout:
         )
 
 
+MAX_TILE_ROWS = 8192
+
+
+def band_tile_rows(window: int, limit: int = MAX_TILE_ROWS) -> int:
+    """Query rows per tile for a layout with a band ``0 <= i - j < window``.
+
+    A band run of ``window - 1`` rows is one UPPER and one LOWER square (plus a FULL
+    rectangle between them); tiles of a multiple of that many rows, aligned to multiples
+    of it, cut no run in two, so no tile gets the one-row pieces a fixed tile size leaves
+    where a run crosses it. The largest multiple up to ``limit`` rows (or ``limit`` for
+    bands wider than that): fewer, larger kernel calls.
+    """
+    step = max(1, window - 1)
+    return limit if step >= limit else step * (limit // step)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_plan(
     layout: Layout, q_len: int, kv_len: int, q_offset: int, window: int | None = None
@@ -527,7 +544,7 @@ class LambdaLayout(Layout):
             )
 
     def tile_rows(self) -> int:
-        return self.block or max(1, min(8192, self.window - 1))
+        return self.block or max(1, min(MAX_TILE_ROWS, self.window - 1))
 
     def regions(self, q_len: int, kv_len: int, q_offset: int) -> Sequence[Region]:
         band = Region(d=(0, self.window - 1))

@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 
 from longreach.attention import PositionSet, Region, rotate
+from longreach.attention.layout import band_tile_rows
 from longreach.methods.base import param
 from longreach.methods.registry import register
 from longreach.methods.windowed import WindowedLayout, WindowedMethod, slots
@@ -26,7 +27,10 @@ class LMInfiniteLayout(WindowedLayout):
     sinks: int = 10
     window: int = 4096
     cap: int = 4096
-    block: int = 1024
+    block: int = 0  # query rows per tile; 0: derived from the band (band_tile_rows)
+
+    def tile_rows(self) -> int:
+        return self.block or band_tile_rows(self.window)
 
     def regions(self, q_len: int, kv_len: int, q_offset: int) -> Sequence[Region]:
         out = [Region(d=(0, self.window - 1))]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import ClassVar
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
+from transformers import DynamicCache
 
-from longreach.attention import PositionSet, Region, rotate
-from longreach.methods.base import param
+from longreach import compat
+from longreach.attention import PositionSet, Region, context, rotate
+from longreach.attention.layout import AttentionCall, Work, band_tile_rows
+from longreach.methods.base import Patch, param
 from longreach.methods.registry import register
 from longreach.methods.windowed import WindowedLayout, WindowedMethod, slots
 
@@ -19,27 +23,99 @@ class SelfExtendLayout(WindowedLayout):
     """Causal attention; pairs with ``i - j < window`` at normal positions, the rest grouped.
 
     Grouped pairs use query position ``i // G + W - W // G`` and key position ``j // G``
-    (position set 1, made by rotating the model's tensors by the difference).
+    (position set 1, made by rotating the model's tensors by the difference). A key's
+    grouped position ``j // G`` never changes once the key exists, so with a
+    :class:`GroupedKeys` published for the call (the method's hook does that for an
+    unpadded sequence with a dynamic cache) each key is rotated once, when it first
+    reaches the grouped region, instead of at every call. ``block`` 0 (the default) tiles
+    by the band (:func:`~longreach.attention.layout.band_tile_rows`).
     """
 
     window: int = 1024
     group: int = 8
-    block: int = 1024
+    block: int = 0
+
+    def tile_rows(self) -> int:
+        return self.block or band_tile_rows(self.window)
 
     def regions(self, q_len: int, kv_len: int, q_offset: int) -> Sequence[Region]:
         return (Region(d=(0, self.window - 1)), Region(d=(self.window, None), pset=1))
 
     def position_sets(self, module, query, key, q_offset: int) -> Sequence[PositionSet]:
+        return self._position_sets(query, key, q_offset, None, 0)
+
+    def prepare(self, call: AttentionCall) -> Iterable[Work]:
+        memory = call.memory if isinstance(call.memory, GroupedKeys) else None
+        plan = self.plan_for(call.module, call.query, call.key, call.q_offset)
+        sets = self._position_sets(call.query, call.key, call.q_offset, memory, call.layer)
+        return (Work(plan, sets),)
+
+    def grouped(self, key: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Keys of slots [start, stop) moved from position j to their grouped position j // G."""
+        j = slots(start, stop - start, key.device)
+        return rotate(key[:, :, start:stop], j // self.group - j, self.inv_freq())
+
+    def _position_sets(self, query, key, q_offset, memory, layer) -> Sequence[PositionSet]:
         w, g = self.window, self.group
         needed = max(0, q_offset + query.shape[-2] - w)  # grouped pairs use keys j <= i - W
         if needed == 0:
             return (PositionSet(query[:, :, :0], key[:, :, :0]),)
-        inv_freq = self.inv_freq()
         i = slots(q_offset, query.shape[-2], query.device)
-        j = slots(0, needed, query.device)
-        q = rotate(query, i // g + (w - w // g) - i, inv_freq)
-        k = rotate(key[:, :, :needed], j // g - j, inv_freq)
+        q = rotate(query, i // g + (w - w // g) - i, self.inv_freq())
+        if memory is None:
+            k = self.grouped(key, 0, needed)
+        else:
+            k = memory.keys(layer, key, needed, q_offset, self)
         return (PositionSet(q, k),)
+
+
+class GroupedKeys:
+    """Per layer, the keys of one sequence already rotated to their grouped positions.
+
+    Valid for one unpadded sequence (batch 1) in one dynamic cache: a call at ``q_offset``
+    writes slots ``q_offset ..`` of the cache, so the grouped keys of slots below
+    ``q_offset`` are still those of the cache's keys, and the rest are recomputed (a
+    cropped or reused cache then costs one recomputation, never a wrong key). New
+    frequencies (a RoPE method applied, dynamic NTK) or another key shape start over. The
+    buffer grows by an eighth at a time, so appending is amortised O(1) per token and at
+    most an eighth of it is unused.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def keys(
+        self, layer: int, key: torch.Tensor, needed: int, q_offset: int, layout: SelfExtendLayout
+    ) -> torch.Tensor:
+        """Grouped keys of slots [0, needed): those kept, plus the new ones rotated once."""
+        inv_freq = layout.inv_freq()
+        entry = self._layers.get(layer)
+        valid, buffer, freq = 0, None, None
+        if entry is not None:
+            buffer, count, freq = entry
+            same = (
+                buffer.shape[:2] == key.shape[:2]
+                and buffer.shape[3] == key.shape[3]
+                and buffer.dtype == key.dtype
+                and buffer.device == key.device
+                and freq.shape == inv_freq.shape
+                and torch.equal(freq, inv_freq)
+            )
+            valid = min(count, q_offset) if same else 0
+            if not same:
+                buffer = None
+        if buffer is None or buffer.shape[2] < needed:
+            size = needed + max(1024, needed // 8)
+            grown = key.new_empty(key.shape[0], key.shape[1], size, key.shape[3])
+            if valid:
+                grown[:, :, :valid] = buffer[:, :, :valid]
+            buffer = grown
+        if needed > valid:
+            buffer[:, :, valid:needed] = layout.grouped(key, valid, needed)
+        if entry is None or freq is not entry[2] or not valid:
+            freq = inv_freq.detach().clone()
+        self._layers[layer] = (buffer, max(needed, valid), freq)
+        return buffer[:, :, :needed]
 
 
 DEFAULT_WINDOW = 1024
@@ -119,3 +195,50 @@ class SelfExtend(WindowedMethod):
 
     def layout(self, model: torch.nn.Module, rotary: torch.nn.Module) -> SelfExtendLayout:
         return SelfExtendLayout(rotary=rotary, window=self.window_for(model), group=self.group)
+
+    def install(self, model: torch.nn.Module, patch: Patch) -> None:
+        super().install(model, patch)
+        key = compat.cache_kwarg(model)
+        kept: weakref.WeakKeyDictionary[Any, GroupedKeys] = weakref.WeakKeyDictionary()
+        tokens: list[Any] = []
+
+        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            tokens.append(context.enter(_grouped_keys_for(kept, args, kwargs, key)))
+
+        def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            context.leave(tokens.pop() if tokens else None)
+
+        patch.forward_pre_hook(model, before)
+        # always_call: a call that raises must not leave its grouped keys published
+        handle = model.register_forward_hook(after, with_kwargs=True, always_call=True)
+        patch.on_undo(handle.remove)
+
+
+def _grouped_keys_for(kept, args: tuple, kwargs: dict, key: str) -> GroupedKeys | None:
+    """The grouped keys of this call's cache, when its slots are one sequence's positions.
+
+    That is one unpadded row in a plain dynamic cache (no sliding-window layers, which
+    drop old slots). Anything else (padded batches, beam search, other caches) gets None
+    and rotates the grouped keys afresh at every call, as before.
+    """
+    cache = kwargs.get(key)
+    if not isinstance(cache, DynamicCache):
+        return None
+    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+        return None
+    tokens = kwargs.get("input_ids")
+    if tokens is None and args:
+        tokens = args[0]
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None or tokens.shape[0] != 1:
+        return None
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
+        return None
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return None
+    grouped = kept.get(cache)
+    if grouped is None:
+        grouped = kept[cache] = GroupedKeys()
+    return grouped

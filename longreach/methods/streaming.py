@@ -11,6 +11,8 @@ from transformers import DynamicCache
 
 from longreach import compat
 from longreach.attention import PositionSet, Region, rotate
+from longreach.attention.layout import band_tile_rows
+from longreach.attention.rotary import rotation_table
 from longreach.errors import LongreachError
 from longreach.methods.base import ATTENTION, CACHE, Patch, param
 from longreach.methods.registry import register
@@ -36,7 +38,10 @@ class StreamingLayout(WindowedLayout):
 
     sinks: int = 4
     window: int = 1020
-    block: int = 1024
+    block: int = 0  # query rows per tile; 0: derived from the band (band_tile_rows)
+
+    def tile_rows(self) -> int:
+        return self.block or band_tile_rows(self.window)
 
     def regions(self, q_len: int, kv_len: int, q_offset: int) -> Sequence[Region]:
         band = Region(d=(0, self.window - 1))
@@ -74,11 +79,19 @@ class StreamingCache(DynamicCache):
     un-rotates the new keys and returns all stored keys rotated by their slot in the
     cache, so no position ever exceeds the cache size. After every forward call the
     method's hook calls :meth:`evict`, which keeps ``sinks + window - 1`` tokens (the next
-    token makes ``sinks + window``) and really frees the rest (new, smaller tensors).
+    token makes ``sinks + window``) and really frees the rest (the buffers below are cut back
+    to about twice the cache size after a long call; with padding, new smaller tensors).
 
     In a left-padded batch each row keeps its own first real tokens as sinks; rows with
     fewer real tokens keep some padding slots in front (masked), so every row has the
     same number of slots. ``keep`` (B, slots) marks real slots, None when all are real.
+
+    Without padding each layer's keys and values live in a buffer with room for about
+    ``2 * (sinks + window)`` slots (:class:`_Slots`): a new token is written in place,
+    eviction moves only the ``sinks`` first slots up to the kept window, and the buffer is
+    compacted once every ``sinks + window`` tokens or so; the rotation of the whole cache
+    (slot positions change at every eviction) reads cos/sin rows from a table kept for
+    the cache. With padding every call concatenates and gathers, as rows differ.
     """
 
     def __init__(self, sinks: int, window: int, rotary: torch.nn.Module) -> None:
@@ -88,6 +101,8 @@ class StreamingCache(DynamicCache):
         self.rotary = rotary
         self.keep: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (B, slots) during a forward call
+        self._slots: dict[int, _Slots] = {}  # per layer, when no slot is padding
+        self._table: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def capacity(self) -> int:
@@ -105,8 +120,56 @@ class StreamingCache(DynamicCache):
         inv_freq = self.rotary.inv_freq
         new = self.positions[:, -key_states.shape[-2] :]
         raw = rotate(key_states, -new, inv_freq)
+        if self.keep is None:  # slot s is at position s in every row
+            keys, values = self._append(layer_idx, raw, value_states, *args, **kwargs)
+            return self._rotate_by_slot(keys, inv_freq), values
         keys, values = super().update(raw, value_states, layer_idx, *args, **kwargs)
         return rotate(keys, self.positions[:, -keys.shape[-2] :], inv_freq), values
+
+    def _append(self, layer_idx: int, keys, values, *args, **kwargs):
+        """Write new raw keys and values after the layer's live slots; return all live slots."""
+        slots = self._own_slots(layer_idx)
+        if slots is None:  # first call of this layer, or its tensors were replaced (crop, ...)
+            keys, values = super().update(keys, values, layer_idx, *args, **kwargs)
+            slots = self._slots[layer_idx] = _Slots(keys, values, 2 * self.capacity)
+        else:
+            slots.append(keys, values, 2 * self.capacity)
+        layer = self.layers[layer_idx]
+        layer.keys, layer.values = slots.live()
+        return layer.keys, layer.values
+
+    def _own_slots(self, layer_idx: int) -> _Slots | None:
+        """The layer's buffer if the layer still holds exactly the views it was given."""
+        slots = self._slots.get(layer_idx)
+        if slots is None or layer_idx >= len(self.layers):
+            return None
+        layer = self.layers[layer_idx]
+        if getattr(layer, "keys", None) is not slots.view_k:
+            return None
+        if getattr(layer, "values", None) is not slots.view_v:
+            return None
+        return slots
+
+    def _rotate_by_slot(self, keys: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """``rotate(keys, arange(slots))`` with cos/sin rows of a full-width table kept here."""
+        if keys.dtype == torch.float64:
+            return rotate(keys, torch.arange(keys.shape[-2], device=keys.device), inv_freq)
+        cos, sin = self._rows(keys.shape[-2], inv_freq, keys.device)
+        x = keys.float()
+        half = x.shape[-1] // 2
+        turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        out = x * cos
+        out += turned.mul_(sin)  # the same two products and sum as rotate(), fewer temporaries
+        return out.to(keys.dtype)
+
+    def _rows(self, size: int, inv_freq: torch.Tensor, device: torch.device):
+        """(cos, sin), each (size, D) fp32: the slot positions' rows, both halves."""
+        key = (inv_freq.data_ptr(), inv_freq._version, inv_freq.numel(), str(device))
+        if self._table is None or self._table[0] != key or self._table[1].shape[0] < size:
+            table = rotation_table(inv_freq, max(size, self.capacity + 1), device)
+            cos, sin = table.cos, table.sin
+            self._table = (key, torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))
+        return self._table[1][:size], self._table[2][:size]
 
     def begin(self, new_keep: torch.Tensor) -> torch.Tensor | None:
         """Record ``new_keep`` (B, C) for the incoming tokens; return the 2-D mask over all slots.
@@ -138,12 +201,19 @@ class StreamingCache(DynamicCache):
             return
         recent = self.window - 1
         if self.keep is None:
-            idx = torch.cat([torch.arange(self.sinks), torch.arange(past - recent, past)]).to(
-                self._device()
-            )
-            for layer in self._filled_layers():
-                layer.keys = layer.keys.index_select(2, idx)
-                layer.values = layer.values.index_select(2, idx)
+            idx = None
+            for index, layer in enumerate(self.layers):
+                slots = self._own_slots(index)
+                if slots is not None:
+                    slots.evict(self.sinks, slots.length() - limit, 2 * self.capacity)
+                    layer.keys, layer.values = slots.live()
+                elif getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+                    if idx is None:
+                        idx = torch.cat(
+                            [torch.arange(self.sinks), torch.arange(past - recent, past)]
+                        ).to(self._device())
+                    layer.keys = layer.keys.index_select(2, idx)
+                    layer.values = layer.values.index_select(2, idx)
             return
         rows = []
         for keep in self.keep:
@@ -173,6 +243,63 @@ class StreamingCache(DynamicCache):
     def _device(self) -> torch.device:
         layers = self._filled_layers()
         return layers[0].keys.device if layers else torch.device("cpu")
+
+
+class _Slots:
+    """One layer's keys and values in buffers with spare room; the live slots are [lo, hi).
+
+    The first ``sinks`` live slots are the sinks, the rest the recent window, in order.
+    ``live()`` returns views, which the cache layer holds (so transformers' length and
+    mask bookkeeping see exactly the live slots); a layer whose tensors are no longer
+    those views was changed by someone else and is adopted afresh.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        self.keys = self.values = None
+        self.lo = self.hi = 0
+        self._move(keys, values, room)
+
+    def length(self) -> int:
+        return self.hi - self.lo
+
+    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.view_k = self.keys[:, :, self.lo : self.hi]
+        self.view_v = self.values[:, :, self.lo : self.hi]
+        return self.view_k, self.view_v
+
+    def _move(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        """Copy ``keys``/``values`` to the start of new buffers of max(room, their length) slots."""
+        n = keys.shape[2]
+        size = max(room, n)
+        self.keys = keys.new_empty(*keys.shape[:2], size, keys.shape[3])
+        self.values = values.new_empty(*values.shape[:2], size, values.shape[3])
+        self.keys[:, :, :n] = keys
+        self.values[:, :, :n] = values
+        self.lo, self.hi = 0, n
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        n = keys.shape[2]
+        if self.hi + n > self.keys.shape[2]:  # no room behind: compact into new buffers
+            live_k, live_v = self.live()
+            self._move(live_k, live_v, max(room, self.length() + n))
+        self.keys[:, :, self.hi : self.hi + n] = keys
+        self.values[:, :, self.hi : self.hi + n] = values
+        self.hi += n
+
+    def evict(self, sinks: int, drop: int, room: int) -> None:
+        """Drop the ``drop`` oldest slots after the sinks: move the sinks up by ``drop``."""
+        if drop <= 0:
+            return
+        if sinks:
+            src = slice(self.lo, self.lo + sinks)
+            dst = slice(self.lo + drop, self.lo + drop + sinks)
+            for buf in (self.keys, self.values):
+                part = buf[:, :, src]
+                buf[:, :, dst] = part.clone() if drop < sinks else part
+        self.lo += drop
+        if self.keys.shape[2] > room:  # a long call grew the buffers: give the memory back
+            live_k, live_v = self.live()
+            self._move(live_k, live_v, room)
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
