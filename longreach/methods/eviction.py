@@ -87,6 +87,8 @@ def _plan(regions: tuple[Region, ...], q_len: int, kv_len: int, q_offset: int):
 class EvictionLayout(Layout):
     """Causal attention over the cache's slots, then the policy's scoring and eviction."""
 
+    windows: ClassVar[bool] = False  # prepare() plans its own regions, no sliding window
+
     method: Any = dataclasses.field(default=None, compare=False, hash=False)
 
     def prepare(self, call: AttentionCall) -> Iterator[Work]:

@@ -61,6 +61,8 @@ def search(scores_of, n_blocks: int, k: int, heads: int, device) -> torch.Tensor
 class HiPLayout(Layout):
     """The attention rule of HiP for one layer (see :class:`HiP`)."""
 
+    windows: ClassVar[bool] = False  # prepare() plans its own regions, no sliding window
+
     k: int = 32
     block: int = 64
     sinks: int = 16

@@ -28,6 +28,8 @@ from longreach.methods.registry import register
 class _QuestionAttention(Layout):
     """Causal attention that also records what the last ``rows`` queries gave each key."""
 
+    windows: ClassVar[bool] = False  # prepare() plans its own regions, no sliding window
+
     rows: int = 1
     sink: Any = dataclasses.field(default=None, compare=False, hash=False)
 

@@ -46,7 +46,7 @@ class SelfExtendLayout(WindowedLayout):
 
     def prepare(self, call: AttentionCall) -> Iterable[Work]:
         memory = call.memory if isinstance(call.memory, GroupedKeys) else None
-        plan = self.plan_for(call.module, call.query, call.key, call.q_offset)
+        plan = self.plan_for(call.module, call.query, call.key, call.q_offset, call.window)
         sets = self._position_sets(call.query, call.key, call.q_offset, memory, call.layer)
         return (Work(plan, sets),)
 
