@@ -29,7 +29,7 @@ def test_import_and_version_do_not_import_torch():
 def test_public_functions_load_on_first_use_and_stay_functions():
     code = (
         "import longreach as lr\n"
-        "import longreach.extend, longreach.prefill\n"
+        "import longreach.extend, longreach.prefill, longreach.session\n"
         "from longreach.prefill import prefill\n"
         "assert lr.prefill is prefill and callable(lr.extend) and callable(lr.load)\n"
         "assert lr.extend.__module__ == 'longreach.extend'\n"
@@ -37,7 +37,9 @@ def test_public_functions_load_on_first_use_and_stay_functions():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['LongreachError', 'extend', 'greedy', 'load', 'prefill']"
+    assert out.stdout.strip() == (
+        "['LongreachError', 'Session', 'extend', 'greedy', 'load', 'prefill', 'read']"
+    )
 
 
 @pytest.mark.parametrize("after", [0.3, 0.8, 1.5])
