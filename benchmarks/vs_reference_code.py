@@ -277,7 +277,15 @@ def ensure_env(envs: Path, transformers_version: str) -> Path:
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(d)], check=True)
     subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", TORCH_SPEC, f"transformers=={transformers_version}"],
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            TORCH_SPEC,
+            f"transformers=={transformers_version}",
+        ],
         check=True,
     )
     check = (

@@ -143,7 +143,16 @@ def test_summary_and_table(vs, tmp_path):
     )
     lines = vs.format_table(rows).splitlines()
     assert len(lines) == 2 + 3
-    assert lines[2].split() == ["vanilla", "vanilla", "4096", "5.00e-04", "1/2", "1/2", "2/2", "1/2"]
+    assert lines[2].split() == [
+        "vanilla",
+        "vanilla",
+        "4096",
+        "5.00e-04",
+        "1/2",
+        "1/2",
+        "2/2",
+        "1/2",
+    ]
     assert vs.read_records(tmp_path / "missing.jsonl") == []
 
 
@@ -156,4 +165,9 @@ def test_table_mode_prints_without_torch_work(vs, tmp_path, capsys):
 
 
 def test_cell_key_rounds_depth(vs):
-    assert vs.cell_key("vanilla", "vanilla", 4096, 0.250000001) == ("vanilla", "vanilla", 4096, 0.25)
+    assert vs.cell_key("vanilla", "vanilla", 4096, 0.250000001) == (
+        "vanilla",
+        "vanilla",
+        4096,
+        0.25,
+    )
