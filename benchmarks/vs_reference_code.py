@@ -370,6 +370,15 @@ def worker(request_path: str) -> None:
     kwargs = {"torch_dtype": torch.float32}
     if version >= (4, 36):
         kwargs["attn_implementation"] = "eager"  # the class the patches look for
+    # transformers 4.38 sizes its causal-mask buffer by max_position_embeddings and never
+    # grows it while decoding, so the eager attention fails one token past the trained
+    # length; a larger value changes nothing else (rotary angles come from position ids).
+    trained = json.loads((Path(req["model_dir"]) / "config.json").read_text())[
+        "max_position_embeddings"
+    ]
+    kwargs["max_position_embeddings"] = max(
+        trained, len(req["input_ids"]) + req["max_new_tokens"] + 1
+    )
     model = LlamaForCausalLM.from_pretrained(req["model_dir"], **kwargs).eval()
     method, s = req["method"], req["settings"]
     trim = None
