@@ -14,6 +14,7 @@ from longreach.tasks.json_kv import KvRetrieval, MultiThreading, Threading
 from longreach.tasks.niah import MultiNeedle, Niah
 from longreach.tasks.passkey import Passkey
 from longreach.tasks.perplexity import Perplexity
+from longreach.tasks.ruler import RULER_NAMES, RULER_TASKS
 from longreach.tasks.task_file import FileTask
 from longreach.tasks.variable_tracking import VariableTracking
 
@@ -28,6 +29,7 @@ TASKS: dict[str, type[Task]] = {
         KvRetrieval,
         VariableTracking,
         Perplexity,
+        *RULER_TASKS,
     )
 }
 
@@ -52,6 +54,7 @@ def get_task(spec: str, haystack: str | None = None) -> Task:
 
 __all__ = [
     "CHAT",
+    "RULER_NAMES",
     "RAW",
     "TASKS",
     "FileTask",

@@ -6,6 +6,9 @@
   classification/retrieval "contains" and RULER's ``string_match_part``).
 - ``contains_all``: share of expected strings that occur in the output (RULER's
   ``string_match_all``: variable tracking, multi-value needles).
+- ``string_match_all`` / ``string_match_part``: RULER's own names, exactly its definitions:
+  the mean (all) or the maximum (part) over the references of "the reference, lower-cased, is
+  a substring of the lower-cased output".
 - ``words_all``: like ``contains_all`` but whole words only, so "ABCDE" is not found in "ABCDEF".
 - ``qa_f1``: LongBench's token F1 of normalized answers (lower case, no punctuation, no
   articles), the maximum over the reference answers (SQuAD's rule).
@@ -42,6 +45,11 @@ def contains_all(output: str, expected: list[str]) -> float:
         return 0.0
     low = output.lower()
     return sum(1.0 for e in expected if e.lower() in low) / len(expected)
+
+
+# RULER's names for the same two rules (its evaluate.py scores niah/vt/cwe/fwe and qa so).
+string_match_all = contains_all
+string_match_part = contains
 
 
 def words_all(output: str, expected: list[str]) -> float:
@@ -83,5 +91,7 @@ SCORERS = {
     "contains": contains,
     "contains_all": contains_all,
     "words_all": words_all,
+    "string_match_all": string_match_all,
+    "string_match_part": string_match_part,
     "qa_f1": qa_f1,
 }
