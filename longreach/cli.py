@@ -180,6 +180,9 @@ def bench(
     threshold: float = typer.Option(
         0.85, "--threshold", help="Accuracy threshold of the effective context length."
     ),
+    ruler_threshold: float = typer.Option(
+        0.856, "--ruler-threshold", help="Threshold of the RULER average's effective length."
+    ),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
     executor: str = typer.Option(
         "local", "--executor", help="local (this process) or ray (workers on a Ray cluster)."
@@ -215,6 +218,7 @@ def bench(
     from longreach.bench.summary import check_threshold
 
     check_threshold(threshold)
+    check_threshold(ruler_threshold)
     set_threads(threads)
     grid_executor = _grid_executor(executor, ray_address, workers, gpus_per_worker, threads)
 
@@ -249,7 +253,7 @@ def bench(
         result = bench_with_progress(config, console, runner=run_endpoint_bench, endpoint=target)
     else:
         result = bench_with_progress(config, console, executor=grid_executor)
-    console.print(summary_table(result, threshold))
+    console.print(summary_table(result, threshold, ruler_threshold))
     if getattr(result, "failed", 0):
         console.print(f"[red]{result.failed} cells failed[/]; their errors are stored with them.")
     console.print(
