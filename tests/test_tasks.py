@@ -241,6 +241,7 @@ def test_every_task_is_registered():
         "kv-retrieval",
         "variable-tracking",
         "perplexity",
+        "longchat-lines",
         *RULER_NAMES,
     }
 

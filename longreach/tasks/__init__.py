@@ -11,6 +11,7 @@ from longreach.errors import LongreachError
 from longreach.tasks.base import CHAT, RAW, PromptFormat, Sample, Task, parse_params
 from longreach.tasks.haystack import resolve_haystack
 from longreach.tasks.json_kv import KvRetrieval, MultiThreading, Threading
+from longreach.tasks.lines import LongChatLines
 from longreach.tasks.niah import MultiNeedle, Niah
 from longreach.tasks.passkey import Passkey
 from longreach.tasks.perplexity import Perplexity
@@ -29,6 +30,7 @@ TASKS: dict[str, type[Task]] = {
         KvRetrieval,
         VariableTracking,
         Perplexity,
+        LongChatLines,
         *RULER_TASKS,
     )
 }

@@ -1,6 +1,7 @@
 """Scorers: small named functions from (model output, expected answers) to a score in [0, 1].
 
 - ``number_match``: the expected number is one of the digit runs in the output (passkey, NIAH).
+- ``first_number``: the first digit run of the output is the expected number (LongChat-Lines).
 - ``fraction_numbers``: share of expected numbers among the output's digit runs (multi-needle).
 - ``contains``: any expected string occurs in the output, case-insensitively (LongBench's
   classification/retrieval "contains" and RULER's ``string_match_part``).
@@ -33,6 +34,12 @@ def fraction_numbers(output: str, expected: list[str]) -> float:
         return 0.0
     runs = set(_DIGITS.findall(output))
     return sum(1.0 for e in expected if e in runs) / len(expected)
+
+
+def first_number(output: str, expected: list[str]) -> float:
+    """Giraffe's LongChat-Lines rule: the first digit run of the output is the expected number."""
+    first = _DIGITS.search(output)
+    return 1.0 if expected and first is not None and first.group() == expected[0] else 0.0
 
 
 def contains(output: str, expected: list[str]) -> float:
@@ -88,6 +95,7 @@ def qa_f1(output: str, expected: list[str]) -> float:
 SCORERS = {
     "number": number_match,
     "numbers": fraction_numbers,
+    "first_number": first_number,
     "contains": contains,
     "contains_all": contains_all,
     "words_all": words_all,
