@@ -4,6 +4,7 @@ QA files and their errors."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections import Counter
 
@@ -314,3 +315,28 @@ def test_fixtures_hold_their_answers():
             text = " ".join(row.documents).lower()
             assert any(a.lower() in text for a in row.answers), row.question
         assert len(rows) == {"squad": 12, "hotpotqa": 6}[spec]
+
+
+def test_needle_tasks_have_ruler_s_parameters():
+    table = {
+        name: (cls.haystack_kind, cls.key_type, cls.value_type, cls.num_k, cls.num_v, cls.num_q)
+        for name, cls in TASKS.items()
+        if name.startswith("niah_")
+    }
+    assert table == {
+        "niah_single_1": ("noise", "words", "numbers", 1, 1, 1),
+        "niah_single_2": ("essay", "words", "numbers", 1, 1, 1),
+        "niah_single_3": ("essay", "words", "uuids", 1, 1, 1),
+        "niah_multikey_1": ("essay", "words", "numbers", 4, 1, 1),
+        "niah_multikey_2": ("needle", "words", "numbers", 1, 1, 1),
+        "niah_multikey_3": ("needle", "uuids", "uuids", 1, 1, 1),
+        "niah_multivalue": ("essay", "words", "numbers", 1, 4, 1),
+        "niah_multiquery": ("essay", "words", "numbers", 1, 1, 4),
+    }
+
+
+@pytest.mark.parametrize("name", RULER_NAMES)
+def test_tasks_pickle_for_remote_workers(name):
+    task = get_task(name)
+    again = pickle.loads(pickle.dumps(task))
+    assert again == task and again.spec() == task.spec()

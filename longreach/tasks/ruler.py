@@ -255,35 +255,75 @@ class _RulerNiah(_RulerTask):
         return self.sample(fmt, fitted, length, seed, index)
 
 
-def _niah(name: str, summary: str, kind: str, keys: str, values: str, k=1, v=1, q=1) -> type:
-    attrs: dict[str, Any] = {
-        "name": name,
-        "summary": f"RULER: {summary}",
-        "haystack_kind": kind,
-        "key_type": keys,
-        "value_type": values,
-        "num_k": k,
-        "num_v": v,
-        "num_q": q,
-        "__doc__": f"RULER's {name}: {summary}.",
-        "__module__": __name__,
-    }
-    if kind == "essay":
-        attrs["__annotations__"] = {"haystack": str}
-        attrs["haystack"] = "pg"
-        attrs["uses_haystack"] = True
-    return dataclass(type(name.title().replace("_", ""), (_RulerNiah,), attrs))
+@dataclass
+class _EssayNiah(_RulerNiah):
+    """A RULER needle task in essays: ``haystack`` is ``pg`` (the default) or any text."""
+
+    haystack: str = "pg"
+
+    uses_haystack: ClassVar[bool] = True
 
 
-NIAH_TASKS = [
-    _niah("niah_single_1", "one number needle in repeated noise lines", "noise", "words", "numbers"),
-    _niah("niah_single_2", "one number needle in essays", "essay", "words", "numbers"),
-    _niah("niah_single_3", "one uuid needle in essays", "essay", "words", "uuids"),
-    _niah("niah_multikey_1", "the needle of one key among 4 keys' needles in essays", "essay", "words", "numbers", k=4),
-    _niah("niah_multikey_2", "one needle among distractor needles (word keys)", "needle", "words", "numbers"),
-    _niah("niah_multikey_3", "one needle among distractor needles (uuid keys and values)", "needle", "uuids", "uuids"),
-    _niah("niah_multivalue", "all 4 values of one key in essays", "essay", "words", "numbers", v=4),
-    _niah("niah_multiquery", "the values of 4 keys asked at once, in essays", "essay", "words", "numbers", q=4),
+@dataclass
+class NiahSingle1(_RulerNiah):
+    name = "niah_single_1"
+    summary = "RULER: one number needle in repeated noise lines"
+    haystack_kind = "noise"
+
+
+@dataclass
+class NiahSingle2(_EssayNiah):
+    name = "niah_single_2"
+    summary = "RULER: one number needle in essays"
+
+
+@dataclass
+class NiahSingle3(_EssayNiah):
+    name = "niah_single_3"
+    summary = "RULER: one uuid needle in essays"
+    value_type = "uuids"
+
+
+@dataclass
+class NiahMultikey1(_EssayNiah):
+    name = "niah_multikey_1"
+    summary = "RULER: the needle of one key among 4 keys' needles in essays"
+    num_k = 4
+
+
+@dataclass
+class NiahMultikey2(_RulerNiah):
+    name = "niah_multikey_2"
+    summary = "RULER: one needle among distractor needles (word keys)"
+    haystack_kind = "needle"
+
+
+@dataclass
+class NiahMultikey3(_RulerNiah):
+    name = "niah_multikey_3"
+    summary = "RULER: one needle among distractor needles (uuid keys and values)"
+    haystack_kind = "needle"
+    key_type = "uuids"
+    value_type = "uuids"
+
+
+@dataclass
+class NiahMultivalue(_EssayNiah):
+    name = "niah_multivalue"
+    summary = "RULER: all 4 values of one key in essays"
+    num_v = 4
+
+
+@dataclass
+class NiahMultiquery(_EssayNiah):
+    name = "niah_multiquery"
+    summary = "RULER: the values of 4 keys asked at once, in essays"
+    num_q = 4
+
+
+NIAH_TASKS: list[type[Task]] = [
+    NiahSingle1, NiahSingle2, NiahSingle3, NiahMultikey1, NiahMultikey2, NiahMultikey3,
+    NiahMultivalue, NiahMultiquery,
 ]  # fmt: skip
 
 
