@@ -242,6 +242,8 @@ def test_every_task_is_registered():
         "variable-tracking",
         "perplexity",
         "longchat-lines",
+        "tsort",
+        "bestanswer",
         *RULER_NAMES,
     }
 

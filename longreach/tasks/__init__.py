@@ -8,6 +8,7 @@ local LongBench or RULER jsonl file.
 from __future__ import annotations
 
 from longreach.errors import LongreachError
+from longreach.tasks.ada_leval import BestAnswer, TSort
 from longreach.tasks.base import CHAT, RAW, PromptFormat, Sample, Task, parse_params
 from longreach.tasks.haystack import resolve_haystack
 from longreach.tasks.json_kv import KvRetrieval, MultiThreading, Threading
@@ -31,6 +32,8 @@ TASKS: dict[str, type[Task]] = {
         VariableTracking,
         Perplexity,
         LongChatLines,
+        TSort,
+        BestAnswer,
         *RULER_TASKS,
     )
 }

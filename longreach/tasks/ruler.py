@@ -72,7 +72,7 @@ NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 DATA = Path(__file__).parent / "data"
 
 
-class _SourceTooShort(HaystackTooShort):
+class SourceTooShort(HaystackTooShort):
     """A word list or QA file that cannot fill the length (fit_to_length treats it as a haystack)."""
 
     def __init__(self, what: str, available: int, needed: int, advice: str) -> None:
@@ -96,12 +96,12 @@ def fit_ruler(
             f"takes {base} tokens with this tokenizer and it generates up to {gen}; ask for at "
             f"least {base + gen} tokens."
         )
-    short: list[_SourceTooShort] = []
+    short: list[SourceTooShort] = []
 
     def tracked(n: int) -> Parts:
         try:
             return build(n)
-        except _SourceTooShort as exc:
+        except SourceTooShort as exc:
             short.append(exc)
             raise
 
@@ -469,7 +469,7 @@ class RulerCommonWords(_RulerTask):
 
         def build(n: int) -> Parts:
             if n > available:
-                raise _SourceTooShort(
+                raise SourceTooShort(
                     "the word list", available, n, "words for this length; ask for a shorter one."
                 )
             rare = pool[self.num_cw : self.num_cw + n]
@@ -665,7 +665,7 @@ class _RulerQa(_RulerTask):
 
         def build(n: int) -> Parts:
             if n > len(extra):
-                raise _SourceTooShort(
+                raise SourceTooShort(
                     f"QA file {path.name}",
                     len(extra) + len(gold),
                     n + len(gold),
