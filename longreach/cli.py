@@ -453,6 +453,28 @@ def tasks() -> None:
 
 @app.command()
 @one_line_errors
+def convert(
+    kind: str = typer.Argument(..., help="The conversion: m4le."),
+    source: str = typer.Option(..., "--in", help="Short instances, JSON lines."),
+    out: str = typer.Option(..., "--out", help="The long task file to write (.jsonl)."),
+    lengths: str = typer.Option("8k,32k", "--lengths", help="Lengths in whitespace words."),
+    mode: str = typer.Option("explicit-single", "--mode", help="explicit|semantic-single|multi."),
+    seed: int = typer.Option(111, "--seed", help="Seed of the packing (M4LE's is 111)."),
+) -> None:
+    """Pack short instances into long task-file rows (M4LE's conversion); run them with --task-file."""
+    from longreach.bench import parse_lengths
+    from longreach.tasks.m4le import convert as m4le_convert
+    from longreach.tasks.m4le import read_short, write_jsonl
+
+    if kind != "m4le":
+        raise LongreachError(f"unknown conversion {kind!r}; the one there is: m4le.")
+    rows = list(m4le_convert(read_short(source, mode), parse_lengths(lengths), mode, seed))
+    n = write_jsonl(rows, out)
+    console.print(f"{n} long rows written to {out}; run them with --task-file {out}")
+
+
+@app.command()
+@one_line_errors
 def demo(
     out: str = typer.Option("demo", "--out", help="Folder for the demo's database and report."),
     model: str | None = typer.Option(
