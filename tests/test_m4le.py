@@ -122,3 +122,14 @@ def test_length_that_holds_one_instance_and_unknown_mode(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2 and "unknown mode 'global'" in result.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shipped_fixture_converts_in_every_mode(mode):
+    from pathlib import Path
+
+    import longreach.tasks
+
+    fixture = Path(longreach.tasks.__file__).parent / "data" / "m4le_short_tiny.jsonl"
+    rows = list(convert(read_short(fixture, mode), [256, 512], mode))
+    assert len(rows) == 24 and all(r["instances"] >= 2 for r in rows)
