@@ -244,6 +244,7 @@ def test_every_task_is_registered():
         "longchat-lines",
         "tsort",
         "bestanswer",
+        "long-icl",
         *RULER_NAMES,
     }
 

@@ -13,6 +13,7 @@ from longreach.tasks.base import CHAT, RAW, PromptFormat, Sample, Task, parse_pa
 from longreach.tasks.haystack import resolve_haystack
 from longreach.tasks.json_kv import KvRetrieval, MultiThreading, Threading
 from longreach.tasks.lines import LongChatLines
+from longreach.tasks.long_icl import LongIcl
 from longreach.tasks.niah import MultiNeedle, Niah
 from longreach.tasks.passkey import Passkey
 from longreach.tasks.perplexity import Perplexity
@@ -34,6 +35,7 @@ TASKS: dict[str, type[Task]] = {
         LongChatLines,
         TSort,
         BestAnswer,
+        LongIcl,
         *RULER_TASKS,
     )
 }
