@@ -180,6 +180,9 @@ def bench(
     threshold: float = typer.Option(
         0.85, "--threshold", help="Accuracy threshold of the effective context length."
     ),
+    ruler_threshold: float = typer.Option(
+        0.856, "--ruler-threshold", help="Threshold of the RULER average's effective length."
+    ),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads; 0 keeps torch's default."),
     executor: str = typer.Option(
         "local", "--executor", help="local (this process) or ray (workers on a Ray cluster)."
@@ -222,6 +225,7 @@ def bench(
     from longreach.bench.summary import check_threshold
 
     check_threshold(threshold)
+    check_threshold(ruler_threshold)
     set_threads(threads)
     if endpoint and executor == "ray" and workers is None:
         workers = len(endpoint)  # one Ray worker per URL, each with --parallel requests
@@ -263,7 +267,7 @@ def bench(
         )
     else:
         result = bench_with_progress(config, console, executor=grid_executor)
-    console.print(summary_table(result, threshold))
+    console.print(summary_table(result, threshold, ruler_threshold))
     if getattr(result, "failed", 0):
         console.print(f"[red]{result.failed} cells failed[/]; their errors are stored with them.")
     console.print(
@@ -463,6 +467,28 @@ def tasks() -> None:
         table.add_row(name, params or "-", cls.summary)
     console.print(table)
     console.print("Local files: --task-file FILE.jsonl (LongBench or RULER format).")
+
+
+@app.command()
+@one_line_errors
+def convert(
+    kind: str = typer.Argument(..., help="The conversion: m4le."),
+    source: str = typer.Option(..., "--in", help="Short instances, JSON lines."),
+    out: str = typer.Option(..., "--out", help="The long task file to write (.jsonl)."),
+    lengths: str = typer.Option("8k,32k", "--lengths", help="Lengths in whitespace words."),
+    mode: str = typer.Option("explicit-single", "--mode", help="explicit|semantic-single|multi."),
+    seed: int = typer.Option(111, "--seed", help="Seed of the packing (M4LE's is 111)."),
+) -> None:
+    """Pack short instances into long task-file rows (M4LE's conversion); run them with --task-file."""
+    from longreach.bench import parse_lengths
+    from longreach.tasks.m4le import convert as m4le_convert
+    from longreach.tasks.m4le import read_short, write_jsonl
+
+    if kind != "m4le":
+        raise LongreachError(f"unknown conversion {kind!r}; the one there is: m4le.")
+    rows = list(m4le_convert(read_short(source, mode), parse_lengths(lengths), mode, seed))
+    n = write_jsonl(rows, out)
+    console.print(f"{n} long rows written to {out}; run them with --task-file {out}")
 
 
 @app.command()

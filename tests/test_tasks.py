@@ -10,7 +10,7 @@ import pytest
 from fixtures.tinylm import tiny_tokenizer
 
 from longreach.errors import LongreachError
-from longreach.tasks import TASKS, FileTask, PromptFormat, get_task
+from longreach.tasks import RULER_NAMES, TASKS, FileTask, PromptFormat, get_task
 from longreach.tasks.haystack import (
     SYNTHETIC_FILLER,
     HaystackPiece,
@@ -241,6 +241,11 @@ def test_every_task_is_registered():
         "kv-retrieval",
         "variable-tracking",
         "perplexity",
+        "longchat-lines",
+        "tsort",
+        "bestanswer",
+        "long-icl",
+        *RULER_NAMES,
     }
 
 

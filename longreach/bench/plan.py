@@ -160,6 +160,7 @@ class PlannedCell:
                 prompt=sample.prompt,
                 context_tokens=sample.n_tokens,
                 context_chars=sample.meta.get("context_chars"),
+                context_words=sample.meta.get("context_words"),
             )
         fields.update(measured)
         return Cell(**fields)

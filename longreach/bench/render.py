@@ -21,7 +21,16 @@ from rich.table import Column, Table
 
 from longreach.bench.grid import BenchConfig, format_length
 from longreach.bench.runner import BenchResult, ProgressEvent, result_cells, run_bench
-from longreach.bench.summary import DEFAULT_THRESHOLD, NOT_APPLICABLE, summarize
+from longreach.bench.summary import (
+    DEFAULT_THRESHOLD,
+    NOT_APPLICABLE,
+    RULER_THRESHOLD,
+    SuiteRow,
+    check_threshold,
+    ruler_suite,
+    summarize,
+)
+from longreach.tasks.ruler import RULER_NAMES
 
 
 def bench_with_progress(
@@ -86,10 +95,20 @@ def _score_text(value: float, n: int, metric: str, threshold: float, show_n: boo
     return f"[{color}]{value:.0%}[/]" + (f" [dim]n={n}[/]" if show_n else "")
 
 
-def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> Table:
-    """Accuracy (or perplexity) per method × task × length for the cells of this run's grid."""
+def summary_table(
+    result: BenchResult,
+    threshold: float = DEFAULT_THRESHOLD,
+    ruler_threshold: float = RULER_THRESHOLD,
+) -> Table:
+    """Accuracy (or perplexity) per method × task × length for the cells of this run's grid.
+
+    A method that ran two or more RULER tasks gets one more row: their average per length and
+    the effective length by RULER's rule (``ruler_threshold``); the caption gives its wAvg.
+    """
+    check_threshold(ruler_threshold)
     cells = result_cells(result)
     rows = summarize(cells, threshold)
+    suites = {s.series: s for s in ruler_suite(rows, ruler_threshold) if len(s.tasks) >= 2}
     lengths = sorted({c.length for c in cells})
     trained = result.trained_length
     title = f"{result.model} · trained length {trained if trained else '?'}"
@@ -108,7 +127,7 @@ def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> 
     # One sample count for the whole table goes in the caption, not in every cell.
     counts = {v[1] for r in rows if r.metric != "perplexity" for v in r.by_length.values()}
     show_n = len(counts) > 1
-    for row in rows:
+    for i, row in enumerate(rows):
         values = [
             _score_text(*row.by_length[n], row.metric, threshold, show_n)
             if n in row.by_length
@@ -126,21 +145,58 @@ def summary_table(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> 
             row.task.split(":")[0] if not row.task.startswith("file:") else row.task.split(":")[1]
         )
         table.add_row(row.series.label(show_format), name, *values, effective)
+        last_of_series = i == len(rows) - 1 or rows[i + 1].series != row.series
+        if last_of_series and row.series in suites:
+            table.add_row(*_suite_cells(suites[row.series], lengths, ruler_threshold, show_format))
     notes = []
     if len(counts) == 1:
         n = counts.pop()
         notes.append(f"accuracy over {n} sample{'' if n == 1 else 's'} per cell")
     if trained is not None and any(n > trained for n in lengths):
         notes.append("* past the model's trained length")
+    if suites:
+        wavg = ", ".join(
+            f"{s.series.label(show_format)} {s.wavg_inc:.0%}/{s.wavg_dec:.0%}"
+            for s in suites.values()
+            if s.wavg_inc is not None and s.wavg_dec is not None
+        )
+        notes.append(
+            f"RULER avg: the RULER tasks' mean; effective: longest length above "
+            f"{ruler_threshold:.1%}" + (f"; wAvg inc/dec: {wavg}" if wavg else "")
+        )
     if notes:
         table.caption = " · ".join(notes)
     return table
 
 
-def plain_summary(result: BenchResult, threshold: float = DEFAULT_THRESHOLD) -> str:
+def _suite_cells(
+    suite: SuiteRow, lengths: list[int], threshold: float, show_format: bool
+) -> list[str]:
+    values = [
+        _score_text(suite.by_length[n], 0, "accuracy", threshold, show_n=False)
+        if n in suite.by_length
+        else "–"
+        for n in lengths
+    ]
+    if not suite.by_length:
+        effective = "–"
+    elif suite.effective is None:
+        effective = f"[red]< {format_length(min(suite.by_length))}[/]"
+    else:
+        reached_end = suite.effective == max(suite.by_length)
+        effective = ("≥ " if reached_end else "") + format_length(suite.effective)
+    name = f"[bold]RULER avg[/] ({len(suite.tasks)}/{len(RULER_NAMES)})"
+    return [suite.series.label(show_format), name, *values, f"[bold]{effective}[/]"]
+
+
+def plain_summary(
+    result: BenchResult,
+    threshold: float = DEFAULT_THRESHOLD,
+    ruler_threshold: float = RULER_THRESHOLD,
+) -> str:
     """The summary table as plain text (for notes and logs)."""
     console = Console(width=120, record=True, color_system=None, file=_Null())
-    console.print(summary_table(result, threshold))
+    console.print(summary_table(result, threshold, ruler_threshold))
     return console.export_text()
 
 

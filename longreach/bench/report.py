@@ -187,7 +187,8 @@ def _effective(rows, tasks: list[str], show_format: bool) -> dict[str, Any] | No
 _COLUMNS = [
     ("model", "model"), ("method", "method"), ("task", "task"), ("prompt", "prompt_format"),
     ("length", "length"), ("depth", "depth"), ("seed", "seed"), ("#", "idx"),
-    ("tokens", "context_tokens"), ("score", "score"), ("expected", "expected"),
+    ("tokens", "context_tokens"), ("chars", "context_chars"), ("words", "context_words"),
+    ("score", "score"), ("expected", "expected"),
     ("output", "output"), ("prefill s", "prefill_s"), ("decode tok/s", "decode_tok_s"),
     ("peak MiB", "peak_mem_bytes"), ("shared", "shared_prefix_tokens"),
 ]  # fmt: skip
@@ -214,7 +215,8 @@ def _cell_value(cell: Cell, attr: str) -> tuple[str, str]:
 
 
 _NUMERIC = {
-    "length", "depth", "seed", "idx", "context_tokens", "score", "prefill_s",
+    "length", "depth", "seed", "idx", "context_tokens", "context_chars", "context_words",
+    "score", "prefill_s",
     "decode_tok_s", "peak_mem_bytes", "shared_prefix_tokens",
 }  # fmt: skip
 

@@ -58,7 +58,8 @@ CREATE TABLE cells (
     output               TEXT NOT NULL,
     prompt               TEXT NOT NULL,
     context_tokens       INTEGER NOT NULL,  -- actual prompt tokens
-    context_chars        INTEGER,
+    context_chars        INTEGER,           -- characters of the context (haystack + needles)
+    context_words        INTEGER,           -- whitespace-separated words of the context
     shared_prefix_tokens INTEGER NOT NULL DEFAULT 0,
     prefill_s            REAL,
     decode_s             REAL,
@@ -122,6 +123,7 @@ class Cell:
     prompt: str
     context_tokens: int
     context_chars: int | None = None
+    context_words: int | None = None
     trained_length: int | None = None
     shared_prefix_tokens: int = 0
     prefill_s: float | None = None
@@ -142,6 +144,9 @@ class Cell:
 
 
 _CELL_COLUMNS = [f for f in Cell.__dataclass_fields__ if f not in ("run_id", "created_at")]
+# Columns added after schema 1 was first written: nullable, so an older longreach still reads
+# and writes the database. Opening adds the missing ones; a read-only database reads them as NULL.
+_ADDED_COLUMNS = {"context_words": "INTEGER"}
 
 
 def _now() -> str:
@@ -167,6 +172,7 @@ class ResultStore:
                         f"{self.path} holds no results yet; run `longreach bench --db {self.path}` first."
                     )
                 self._create()
+            self._columns = self._add_missing_columns()
             try:
                 self.conn.execute("PRAGMA journal_mode=WAL")
             except sqlite3.OperationalError:
@@ -252,6 +258,22 @@ class ResultStore:
             )
         return False
 
+    def _cell_columns(self) -> set[str]:
+        return {row[1] for row in self.conn.execute("PRAGMA table_info(cells)")}
+
+    def _add_missing_columns(self) -> set[str]:
+        """Add the columns an older database lacks, where it can be written; the columns it has."""
+        have = self._cell_columns()
+        for name, kind in _ADDED_COLUMNS.items():
+            if name in have:
+                continue
+            try:
+                self.conn.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError:
+                pass  # read-only, or another process added it first: read what is there
+            have = self._cell_columns()
+        return have
+
     def _create(self) -> None:
         with self._transaction():
             for statement in _SCHEMA.split(";"):
@@ -316,8 +338,9 @@ class ResultStore:
         values = asdict(cell)
         values["expected"] = json.dumps(values["expected"])
         values["meta"] = json.dumps(values["meta"], sort_keys=True, default=str)
-        columns = ["key", "run_id", "created_at", *_CELL_COLUMNS]
-        row = [cell.key, run_id, _now(), *(values[c] for c in _CELL_COLUMNS)]
+        stored = [c for c in _CELL_COLUMNS if c in self._columns]
+        columns = ["key", "run_id", "created_at", *stored]
+        row = [cell.key, run_id, _now(), *(values[c] for c in stored)]
         with self._transaction() as conn:
             cur = conn.execute(
                 f"INSERT OR IGNORE INTO cells ({', '.join(columns)}) "
@@ -336,7 +359,12 @@ class ResultStore:
 
     def iter_cells(self, include_prompt: bool = True) -> Iterator[Cell]:
         cols = ["run_id", "created_at", *_CELL_COLUMNS]
-        select = ", ".join(c if (c != "prompt" or include_prompt) else "'' AS prompt" for c in cols)
+        select = ", ".join(
+            "'' AS prompt"
+            if c == "prompt" and not include_prompt
+            else (c if c in self._columns else f"NULL AS {c}")
+            for c in cols
+        )
         for row in self.conn.execute(f"SELECT {select} FROM cells ORDER BY rowid"):
             values = dict(row)
             values["expected"] = json.loads(values["expected"])

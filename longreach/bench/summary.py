@@ -4,6 +4,10 @@ Effective context length (after RULER, Hsieh et al., 2024): the largest measured
 such that the mean accuracy at L *and at every shorter measured length* is at least the
 threshold. RULER uses a fixed score (Llama-2-7B's 4k average, 85.6%); the default here is
 0.85. None means the method is below the threshold already at the shortest length measured.
+
+Over RULER's tasks (``ruler_suite``) the rule is RULER's own: the average over the tasks run,
+per length, and the longest length whose average beats 85.6% (settable); with it RULER's
+length-weighted averages wAvg (inc) and wAvg (dec).
 """
 
 from __future__ import annotations
@@ -128,3 +132,72 @@ def summarize(cells: list[Cell], threshold: float = DEFAULT_THRESHOLD) -> list[S
 def median(values: Iterable[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return statistics.median(kept) if kept else None
+
+
+# ---- RULER's suite average
+
+RULER_THRESHOLD = 0.856  # Llama-2-7B's 4k average over RULER's 13 tasks (Hsieh et al., 2024)
+
+
+@dataclass
+class SuiteRow:
+    """A series' average over the RULER tasks it ran, at the lengths where all of them ran.
+
+    ``effective``: the longest of those lengths whose average beats the threshold (RULER's
+    effective length; unlike a single task's, a shorter length may fall below it).
+    ``wavg_inc`` / ``wavg_dec``: RULER's averages over the lengths with weights 1..n growing
+    (inc) or shrinking (dec) with the length.
+    """
+
+    series: Series
+    tasks: list[str]
+    by_length: dict[int, float]
+    effective: int | None
+    wavg_inc: float | None
+    wavg_dec: float | None
+
+
+def weighted_averages(by_length: dict[int, float]) -> tuple[float | None, float | None]:
+    """RULER's wAvg (inc) and wAvg (dec): weights 1..n by length rank, and n..1."""
+    scores = [by_length[n] for n in sorted(by_length)]
+    if not scores:
+        return None, None
+    weights = range(1, len(scores) + 1)
+    total = sum(weights)
+    inc = sum(w * s for w, s in zip(weights, scores, strict=True)) / total
+    dec = sum(w * s for w, s in zip(weights, reversed(scores), strict=True)) / total
+    return inc, dec
+
+
+def suite_effective_length(by_length: dict[int, float], threshold: float) -> int | None:
+    """The longest length whose average is above ``threshold`` (None when none is)."""
+    passed = [n for n, score in by_length.items() if score > threshold + 1e-12]
+    return max(passed) if passed else None
+
+
+def ruler_suite(rows: list[SummaryRow], threshold: float = RULER_THRESHOLD) -> list[SuiteRow]:
+    """One suite row per series that ran RULER tasks (see ``SuiteRow``)."""
+    from longreach.tasks.ruler import RULER_NAMES
+
+    per_series: dict[Series, list[SummaryRow]] = defaultdict(list)
+    for row in rows:
+        if row.metric == "accuracy" and task_name(row.task) in RULER_NAMES:
+            per_series[row.series].append(row)
+    out = []
+    for series, task_rows in per_series.items():
+        common = set.intersection(*(set(r.by_length) for r in task_rows))
+        by_length = {
+            n: statistics.fmean(r.by_length[n][0] for r in task_rows) for n in sorted(common)
+        }
+        inc, dec = weighted_averages(by_length)
+        out.append(
+            SuiteRow(
+                series,
+                [task_name(r.task) for r in task_rows],
+                by_length,
+                suite_effective_length(by_length, threshold),
+                inc,
+                dec,
+            )
+        )
+    return out

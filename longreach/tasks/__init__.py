@@ -8,12 +8,16 @@ local LongBench or RULER jsonl file.
 from __future__ import annotations
 
 from longreach.errors import LongreachError
+from longreach.tasks.ada_leval import BestAnswer, TSort
 from longreach.tasks.base import CHAT, RAW, PromptFormat, Sample, Task, parse_params
 from longreach.tasks.haystack import resolve_haystack
 from longreach.tasks.json_kv import KvRetrieval, MultiThreading, Threading
+from longreach.tasks.lines import LongChatLines
+from longreach.tasks.long_icl import LongIcl
 from longreach.tasks.niah import MultiNeedle, Niah
 from longreach.tasks.passkey import Passkey
 from longreach.tasks.perplexity import Perplexity
+from longreach.tasks.ruler import RULER_NAMES, RULER_TASKS
 from longreach.tasks.task_file import FileTask
 from longreach.tasks.variable_tracking import VariableTracking
 
@@ -28,6 +32,11 @@ TASKS: dict[str, type[Task]] = {
         KvRetrieval,
         VariableTracking,
         Perplexity,
+        LongChatLines,
+        TSort,
+        BestAnswer,
+        LongIcl,
+        *RULER_TASKS,
     )
 }
 
@@ -52,6 +61,7 @@ def get_task(spec: str, haystack: str | None = None) -> Task:
 
 __all__ = [
     "CHAT",
+    "RULER_NAMES",
     "RAW",
     "TASKS",
     "FileTask",

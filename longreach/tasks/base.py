@@ -256,6 +256,7 @@ class Task:
     ) -> Sample:
         meta = dict(parts.meta)
         meta["context_chars"] = len(parts.context)
+        meta["context_words"] = len(parts.context.split())
         return Sample(
             task=self.spec(),
             length=length,

@@ -83,7 +83,12 @@ class Perplexity(Task):
             expected=[],
             max_new_tokens=0,
             metric=self.metric,
-            meta={"scored_tokens": self.scored, "end_token": end, "context_chars": len(text)},
+            meta={
+                "scored_tokens": self.scored,
+                "end_token": end,
+                "context_chars": len(text),
+                "context_words": len(text.split()),
+            },
         )
 
     def score(self, sample: Sample, output: str) -> float:
