@@ -181,7 +181,10 @@ class RayExecutor:
                 raise LongreachError(message)
             log.warning("%s Waiting for the cluster to grow.", message)
         if n < n_backends:
-            raise LongreachError(f"{n} workers cannot hold {n_backends} models; give more.")
+            raise LongreachError(
+                f"{n} workers cannot serve {n_backends} backends (one model or endpoint URL "
+                "each needs a worker of its own); give --workers at least that many."
+            )
         return n
 
     def _new_slot(self, number: int, backend: int) -> _Slot:
