@@ -43,6 +43,7 @@ from longreach.methods.base import ATTENTION, CACHE, Method, Patch
 __all__ = ["EvictionLayout", "EvictionMethod", "received_attention"]
 
 _KEY_TILE = 1024
+_ROW_TILE = 256
 
 
 def received_attention(
@@ -62,18 +63,20 @@ def received_attention(
     """
     hq, dim = query.shape[1], query.shape[-1]
     hkv, s_len = key.shape[1], key.shape[-2]
-    r0, r1 = rows.start, rows.stop
-    q = query[0, :, r0:r1].reshape(hkv, hq // hkv, r1 - r0, dim)
-    rows_lse = lse[0, :, r0:r1].reshape(hkv, hq // hkv, r1 - r0, 1)
-    row_slot = torch.arange(q_offset + r0, q_offset + r1, device=key.device)[:, None]
     total = torch.zeros(hkv, s_len, device=key.device)
-    for c0 in range(0, min(s_len, q_offset + r1), _KEY_TILE):
-        c1 = min(s_len, c0 + _KEY_TILE)
-        k = key[0, :, c0:c1]
-        logits = torch.matmul(q, k[:, None].transpose(-1, -2)).float() * scale
-        seen = torch.arange(c0, c1, device=key.device)[None, :] <= row_slot
-        p = logits.sub_(rows_lse).exp_().masked_fill_(~seen, 0.0)
-        total[:, c0:c1] = p.sum((1, 2))
+    # tiles of _ROW_TILE rows x _KEY_TILE keys: the transient is a few MiB, not rows x keys
+    for r0 in range(rows.start, rows.stop, _ROW_TILE):
+        r1 = min(rows.stop, r0 + _ROW_TILE)
+        q = query[0, :, r0:r1].reshape(hkv, hq // hkv, r1 - r0, dim)
+        rows_lse = lse[0, :, r0:r1].reshape(hkv, hq // hkv, r1 - r0, 1)
+        row_slot = torch.arange(q_offset + r0, q_offset + r1, device=key.device)[:, None]
+        for c0 in range(0, min(s_len, q_offset + r1), _KEY_TILE):
+            c1 = min(s_len, c0 + _KEY_TILE)
+            k = key[0, :, c0:c1]
+            logits = torch.matmul(q, k[:, None].transpose(-1, -2)).float() * scale
+            seen = torch.arange(c0, c1, device=key.device)[None, :] <= row_slot
+            p = logits.sub_(rows_lse).exp_().masked_fill_(~seen, 0.0)
+            total[:, c0:c1] += p.sum((1, 2))
     return total
 
 

@@ -14,7 +14,7 @@ from longreach.methods.base import Patch, param
 from longreach.methods.eviction import EvictionMethod
 from longreach.methods.registry import register
 
-_HEAD_ROWS = 256  # rows of the LM head per step when scoring a chunk's tokens
+_HEAD_ROWS = 64  # LM-head rows per step when scoring a chunk's tokens (64 x vocab fp32)
 
 
 @register
@@ -141,14 +141,14 @@ class SirLLM(EvictionMethod):
         with torch.no_grad():
             for r0 in range(0, count, _HEAD_ROWS):
                 r1 = min(count, r0 + _HEAD_ROWS)
-                logprobs = torch.log_softmax(head(hidden[0, r0:r1]).float(), dim=-1)
+                logits = head(hidden[0, r0:r1]).float()  # (rows, vocab)
+                norm = torch.logsumexp(logits, dim=-1)  # -log p = norm - logit, no second copy
                 if r1 == count:
-                    cache.extra["last_logprobs"] = logprobs[-1]
-                    logprobs = logprobs[:-1]
-                targets = ids[0, r0 + 1 : r0 + 1 + logprobs.shape[0]]
-                scores[r0 + 1 : r0 + 1 + targets.shape[0]] = -logprobs.gather(1, targets[:, None])[
-                    :, 0
-                ]
+                    cache.extra["last_logprobs"] = logits[-1] - norm[-1]
+                    logits, norm = logits[:-1], norm[:-1]
+                targets = ids[0, r0 + 1 : r0 + 1 + logits.shape[0]]
+                picked = logits.gather(1, targets[:, None])[:, 0]
+                scores[r0 + 1 : r0 + 1 + targets.shape[0]] = norm - picked
         for layer in cache.layers:
             layer.scores[:, -count:] = scores
         first = cache.layer(0)
