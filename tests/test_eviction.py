@@ -5,24 +5,11 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from tiny import tiny_model
+from tiny import sharp_model, tiny_model, tokens
 
 import longreach as lr
 from longreach import LongreachError, compat
 from longreach.memory.evicting import EvictingCache
-
-
-def sharp_model(family="llama"):
-    model = tiny_model(family)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return model
-
-
-def tokens(n, seed=0):
-    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def chunked_logits(model, ids, chunk, cache):
@@ -61,7 +48,7 @@ CASES = [
 
 @pytest.mark.parametrize(("policy", "params", "chunk"), CASES)
 def test_chunked_prefill_matches_the_dense_reference(policy, params, chunk):
-    model = sharp_model()
+    model = sharp_model(scale=6.0)
     n = 300
     ids = tokens(n, seed=7)
     kept: dict = {}
@@ -135,7 +122,7 @@ def test_batches_and_padding_are_refused_in_one_line():
 
 
 def test_sirllm_matches_the_dense_reference():
-    model = sharp_model()
+    model = sharp_model(scale=6.0)
     n, chunk = 240, 40
     ids = tokens(n, seed=3)
     params = dict(budget=70, sinks=4, recent=16)
@@ -180,7 +167,7 @@ def test_sirllm_decay_lowers_old_scores():
     [("llama", dict(window=24, every=2)), ("qwen2", dict(window=40, layers="1"))],
 )
 def test_spans_match_the_dense_reference(family, params):
-    model = sharp_model(family)
+    model = sharp_model(family, scale=6.0)
     ids = tokens(260, seed=5)
     count = model.config.num_hidden_layers
     full = (

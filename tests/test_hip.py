@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from tiny import tiny_model
+from tiny import sharp_model, tiny_model, tokens
 
 import longreach as lr
 from longreach import LongreachError, compat
@@ -13,19 +13,6 @@ from longreach.methods import build_method
 from longreach.methods.hip import search
 
 GEOMETRY = dict(block=8, window=32, chunk=64, sinks=4)
-
-
-def sharp(family="llama"):
-    model = tiny_model(family)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
-            layer.self_attn.k_proj.weight.mul_(6.0)
-    return model
-
-
-def tokens(n, seed=0):
-    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -46,7 +33,7 @@ def test_k_past_the_number_of_blocks_is_dense_attention(family):
 
 @pytest.mark.parametrize(("k", "n", "dense_layers"), [(4, 600, 0), (2, 900, 1), (6, 1000, 0)])
 def test_one_pass_and_chunked_prefill_match_the_dense_reference(k, n, dense_layers):
-    model = sharp()
+    model = sharp_model(scale=6.0)
     ids = tokens(n, seed=n)
     spec = dict(GEOMETRY, k=k, dense_layers=dense_layers)
     want = ref.reference_logits(model, ids, ref.hip_attention(**spec))

@@ -16,7 +16,7 @@ import time
 import pytest
 import reference as ref
 import torch
-from tiny import tiny_model
+from tiny import sharp_model, tiny_model, tokens
 
 import longreach as lr
 from longreach import LongreachError
@@ -28,21 +28,6 @@ from longreach.methods.infllm import InfLLMLayout, parse_bytes
 from longreach.prefill import greedy, prefill
 
 GEOMETRY = dict(init=4, block=8, window=64, topk=4, repr=2, chunk=16, dense=128)
-
-
-def sharp_model(family="llama", **overrides):
-    """Attention that depends strongly on which keys it sees (q/k weights x 8)."""
-    model = tiny_model(family, **overrides)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model
-
-
-def tokens(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (1, n), generator=g)
 
 
 def reference(model, ids, calls=(0,), **geometry):

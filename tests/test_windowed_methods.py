@@ -8,32 +8,13 @@ attention. Tiny models are trained on 256 tokens, inputs run to 2000.
 import pytest
 import reference as ref
 import torch
-from tiny import tiny_model
+from tiny import sharp_model, tiny_model, tokens
 
 import longreach as lr
 from longreach import LongreachError, compat
 from longreach.prefill import prefill
 
 ATOL = 1e-4
-
-
-def sharp_model(family, **overrides):
-    """A tiny model whose attention depends strongly on positions (q/k weights x 8).
-
-    At initialisation scores are near zero, attention is almost uniform and a position
-    change moves logits by ~1e-4; scaled up, a wrong position shows at once.
-    """
-    model = tiny_model(family, **overrides)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model
-
-
-def tokens(n, seed=0, batch=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (batch, n), generator=g)
 
 
 def inv_freq(model):

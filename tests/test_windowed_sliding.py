@@ -13,7 +13,7 @@ import pytest
 import reference as ref
 import torch
 import transformers.integrations.sdpa_attention as sdpa_module
-from tiny import tiny_model
+from tiny import sharp_model, tiny_model, tokens
 from transformers import DynamicCache
 from transformers.masking_utils import (
     and_masks,
@@ -31,20 +31,6 @@ from longreach.prefill import greedy, prefill
 
 ATOL = 1e-4
 W = 96  # the tiny models' sliding window
-
-
-def sharp_model(family, **overrides):
-    """A tiny model whose attention depends strongly on positions (q/k weights x 8)."""
-    model = tiny_model(family, **overrides)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model
-
-
-def tokens(n, seed=0):
-    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def reference_fn(method, params, model):

@@ -73,3 +73,22 @@ def tiny_model(
         config, attn_implementation=attn_implementation, dtype=torch.float32
     )
     return model.eval()
+
+
+def sharp_model(family: str = "llama", scale: float = 8.0, **overrides):
+    """A tiny model whose attention depends strongly on which keys it sees (q/k weights x scale).
+
+    At initialisation scores are near zero, attention is almost uniform and a change of
+    position or of the keys seen moves logits by ~1e-4; scaled up, a wrong rule shows at once.
+    """
+    model = tiny_model(family, **overrides)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(scale)
+            layer.self_attn.k_proj.weight.mul_(scale)
+    return model
+
+
+def tokens(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """Random token ids (batch, n) in the tiny vocabulary, for a seed."""
+    return torch.randint(3, 256, (batch, n), generator=torch.Generator().manual_seed(seed))

@@ -215,6 +215,31 @@ class Patch:
 
         self.forward_pre_hook(model, inject)
 
+    def publish_cache(self, model: torch.nn.Module, cache_type: type, padded: str) -> None:
+        """Publish each model call's cache of ``cache_type`` as the call's memory
+        (``longreach.attention.context``), for the layouts that read it, and withdraw it when
+        the call ends, even when it raises. Calls with padding are refused with ``padded``
+        (a memory holds one unpadded sequence)."""
+        from longreach import compat
+        from longreach.attention import context
+
+        key = compat.cache_kwarg(model)
+        tokens: list[Any] = []
+
+        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            cache = kwargs.get(key)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
+                raise LongreachError(padded)
+            tokens.append(context.enter(cache if isinstance(cache, cache_type) else None))
+
+        def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            context.leave(tokens.pop() if tokens else None)
+
+        self.forward_pre_hook(model, before)
+        handle = model.register_forward_hook(after, with_kwargs=True, always_call=True)
+        self.on_undo(handle.remove)
+
     def undo(self) -> None:
         errors = []
         while self._undo:

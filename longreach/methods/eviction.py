@@ -33,8 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longreach import compat
-from longreach.attention import context, hf
+from longreach.attention import hf
 from longreach.attention.layout import AttentionCall, Layout, Region, Work, plan
 from longreach.errors import LongreachError
 from longreach.memory.evicting import EvictingCache, EvictingLayer
@@ -213,23 +212,8 @@ class EvictionMethod(Method):
         handle = hf.use(model, EvictionLayout(method=self))
         patch.on_undo(handle.restore)
         patch.cache_policy(model, lambda: self.new_cache(model))
-        key = compat.cache_kwarg(model)
-        tokens: list[Any] = []
-
-        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            cache = kwargs.get(key)
-            mask = kwargs.get("attention_mask")
-            if mask is not None and isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
-                raise LongreachError(
-                    f"{self.name} keeps one unpadded sequence per cache; drop the padding (or "
-                    "run the rows one by one)."
-                )
-            tokens.append(context.enter(cache if isinstance(cache, EvictingCache) else None))
-
-        def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            context.leave(tokens.pop() if tokens else None)
-
-        patch.forward_pre_hook(model, before)
-        # always_call: a call that raises must not leave its cache published
-        handle_after = model.register_forward_hook(after, with_kwargs=True, always_call=True)
-        patch.on_undo(handle_after.remove)
+        patch.publish_cache(
+            model, EvictingCache,
+            f"{self.name} keeps one unpadded sequence per cache; drop the padding (or run the "
+            "rows one by one).",
+        )  # fmt: skip

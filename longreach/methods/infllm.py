@@ -9,8 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from longreach import compat
-from longreach.attention import context, hf
+from longreach.attention import hf
 from longreach.attention.kernel import PositionSet
 from longreach.attention.layout import (
     AttentionCall,
@@ -425,26 +424,11 @@ class InfLLM(Method):
         handle = hf.use(model, self.layout(model))
         patch.on_undo(handle.restore)
         patch.cache_policy(model, lambda: self.new_cache(model))
-        key = compat.cache_kwarg(model)
-        tokens: list[Any] = []
-
-        def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            cache = kwargs.get(key)
-            mask = kwargs.get("attention_mask")
-            if mask is not None and isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
-                raise LongreachError(
-                    "infllm reads one unpadded sequence at a time; drop the padding (or run the "
-                    "rows one by one)."
-                )
-            tokens.append(context.enter(cache if isinstance(cache, BlockMemoryCache) else None))
-
-        def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            context.leave(tokens.pop() if tokens else None)
-
-        patch.forward_pre_hook(model, before)
-        # always_call: a call that raises must not leave its memory published
-        handle_after = model.register_forward_hook(after, with_kwargs=True, always_call=True)
-        patch.on_undo(handle_after.remove)
+        patch.publish_cache(
+            model, BlockMemoryCache,
+            "infllm reads one unpadded sequence at a time; drop the padding (or run the rows "
+            "one by one).",
+        )  # fmt: skip
 
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
