@@ -373,13 +373,22 @@ def worker(request_path: str) -> None:
     # transformers 4.38 sizes its causal-mask buffer by max_position_embeddings and never
     # grows it while decoding, so the eager attention fails one token past the trained
     # length; a larger value changes nothing else (rotary angles come from position ids).
-    trained = json.loads((Path(req["model_dir"]) / "config.json").read_text())[
-        "max_position_embeddings"
-    ]
+    saved = json.loads((Path(req["model_dir"]) / "config.json").read_text())
     kwargs["max_position_embeddings"] = max(
-        trained, len(req["input_ids"]) + req["max_new_tokens"] + 1
+        saved["max_position_embeddings"], len(req["input_ids"]) + req["max_new_tokens"] + 1
     )
+    # transformers 4.x reads only the top-level rope_theta; a config saved by 5.x may hold
+    # the base in rope_parameters alone, and 4.x would then silently run base 10000.
+    theta = saved.get("rope_theta", (saved.get("rope_parameters") or {}).get("rope_theta"))
+    if theta is not None:
+        kwargs["rope_theta"] = theta
     model = LlamaForCausalLM.from_pretrained(req["model_dir"], **kwargs).eval()
+    ref_freq = model.model.layers[0].self_attn.rotary_emb.inv_freq.double()
+    if not torch.allclose(ref_freq, torch.tensor(req["inv_freq"], dtype=torch.float64)):
+        raise SystemExit(
+            "the reference model's RoPE frequencies differ from ours: "
+            f"{ref_freq[:3].tolist()} vs {req['inv_freq'][:3]} (check rope_theta in config.json)"
+        )
     method, s = req["method"], req["settings"]
     trim = None
     one_by_one = False
@@ -507,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
                     "max_new_tokens": sample.max_new_tokens,
                     "eos_token_id": tok.eos_token_id,
                     "threads": args.threads,
+                    "inv_freq": model.model.rotary_emb.inv_freq.double().tolist(),
                 }
                 print(f"{method} n={n} depth={depth}: reference ...", flush=True)
                 ref_logits, ref_result = run_reference(pythons[ref.transformers], request)

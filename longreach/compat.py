@@ -7,7 +7,9 @@ handled here:
   from 5.24 on (attention modules and attention functions receive the same name);
 - ``cache_position``: passed through forward and attention up to 5.3, removed after;
 - the RoPE configuration: ``config.rope_parameters`` (5.x) with a fallback to the
-  4.x-era ``rope_scaling`` + ``rope_theta`` attributes that some saved configs still carry;
+  4.x-era ``rope_scaling`` + ``rope_theta`` attributes that some saved configs still carry,
+  and the 4.x fields written next to ``rope_parameters`` in the configs we save
+  (:func:`legacy_rope_fields`), because transformers 4.x reads only those;
 - private torch ops reached through one function each (see below);
 - loading a GGUF file: 5.24 keeps quantized weights packed unless told to dequantize.
 - sliding-window attention: which layers slide (:func:`sliding_windows`) and how the mask
@@ -121,6 +123,28 @@ def rope_parameters(config: Any) -> dict[str, Any] | None:
         out["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
     if theta is not None:
         out["rope_theta"] = theta
+    return out
+
+
+def legacy_rope_fields(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The 4.x-era ``rope_theta`` / ``rope_scaling`` fields for a saved 5.x ``config.json``.
+
+    transformers 5 writes only ``rope_parameters``; transformers 4 (and the tools pinned to
+    it: the authors' code of most long-context papers, older vLLM) ignores that key and
+    silently falls back to ``rope_theta = 10000``, a different model whenever the real base
+    differs (SmolLM2's is 100000). Writing both keeps a saved folder readable by either.
+    Returns only the fields missing from ``config_dict`` (nothing without RoPE parameters).
+    """
+    params = config_dict.get("rope_parameters")
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        return {}
+    out: dict[str, Any] = {}
+    if "rope_theta" not in config_dict:
+        out["rope_theta"] = params["rope_theta"]
+    kind = params.get("rope_type", "default")
+    if kind != "default" and not config_dict.get("rope_scaling"):
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        out["rope_scaling"] = {**scaling, "type": kind}
     return out
 
 

@@ -49,6 +49,19 @@ def test_rope_parameters_from_legacy_attributes():
     assert params == {"rope_type": "linear", "type": "linear", "factor": 4.0, "rope_theta": 5e5}
 
 
+def test_legacy_rope_fields_for_transformers_4_readers():
+    saved = {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
+    assert compat.legacy_rope_fields(saved) == {"rope_theta": 100000.0}
+    yarn = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}}
+    assert compat.legacy_rope_fields(yarn) == {
+        "rope_theta": 5e5,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "type": "yarn"},
+    }
+    both = {"rope_theta": 1.0, "rope_parameters": {"rope_theta": 1.0}}
+    assert compat.legacy_rope_fields(both) == {}, "fields already there are left alone"
+    assert compat.legacy_rope_fields({"n_layer": 1}) == {}
+
+
 def test_no_rope_config_gives_none():
     from transformers import GPT2Config
 

@@ -241,9 +241,19 @@ def test_a_converted_gguf_is_cached_and_not_redone(tmp_path):
     assert cached.name.startswith("m-")
     stamp = json.loads((cached / "longreach.json").read_text())
     assert stamp["source_name"] == "m.gguf" and stamp["format"] == 2
+    saved = json.loads((cached / "config.json").read_text())
+    # transformers 4.x (and the papers' code pinned to it) reads only the top-level field
+    assert saved["rope_theta"] == saved["rope_parameters"]["rope_theta"] == source.config.rope_parameters["rope_theta"]
     files = {p: p.stat().st_mtime_ns for p in cached.rglob("*")}
     longreach.load(tmp_path / "m.gguf", dtype="fp32")
     assert {p: p.stat().st_mtime_ns for p in cached.rglob("*")} == files, "converted twice"
+    # a folder finished before config.json carried the 4.x fields is completed in place
+    del saved["rope_theta"]
+    (cached / "config.json").write_text(json.dumps(saved))
+    weights = (cached / "model.safetensors").stat().st_mtime_ns
+    longreach.load(tmp_path / "m.gguf", dtype="fp32")
+    assert json.loads((cached / "config.json").read_text())["rope_theta"] == saved["rope_parameters"]["rope_theta"]
+    assert (cached / "model.safetensors").stat().st_mtime_ns == weights, "converted again"
 
 
 def _refusal(tmp_path, **kwargs) -> str:

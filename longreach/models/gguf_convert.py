@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 STAMP = "longreach.json"
 # 2: converted by transformers' GGUF loader plus the fixes below (1: our own dequantizer).
+# A format-2 folder saved before config.json carried the 4.x RoPE fields is completed in
+# place by ``add_legacy_rope_fields`` (no new conversion).
 FORMAT_VERSION = 2
 
 # Architectures whose GGUF conversion is tested here (a tiny file of each is written by the
@@ -388,9 +390,29 @@ def _save_model(model: Any, facts: GgufFacts, special: dict[str, Any], out_dir: 
             weights[name] = tensor.contiguous()
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(out_dir))
+    add_legacy_rope_fields(out_dir)
     gen = {"bos_token_id": facts.bos_id, "eos_token_id": facts.eos_id}
     gen["pad_token_id"] = special["pad_token_id"]
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def add_legacy_rope_fields(folder: Path) -> None:
+    """Give ``folder/config.json`` the 4.x-era RoPE fields it lacks (atomically; idempotent).
+
+    Without them a tool pinned to transformers 4.x reads the folder with RoPE base 10000
+    whatever the model's real base (see ``compat.legacy_rope_fields``).
+    """
+    from longreach import compat
+
+    path = folder / "config.json"
+    saved = json.loads(path.read_text())
+    missing = compat.legacy_rope_fields(saved)
+    if not missing:
+        return
+    saved.update(missing)
+    tmp = path.with_name(f"config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def convert_gguf(gguf_path: Path, target: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -402,6 +424,7 @@ def convert_gguf(gguf_path: Path, target: Path, extra: dict[str, Any] | None = N
     with open(target.parent / f"{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if is_complete(target, fingerprint):
+            add_legacy_rope_fields(target)
             return target
         return _convert_locked(gguf_path, target, fingerprint, extra)
 

@@ -84,12 +84,12 @@ class ModelAlias:
                     f"model alias {self.alias!r} is not built in this installation ({path} is missing)."
                 )
             return path
-        from longreach.models.gguf_convert import convert_gguf, is_complete, source_fingerprint
+        from longreach.models.gguf_convert import convert_gguf
 
         gguf = self.gguf_path()
         target = self.cache_dir()
-        if not is_complete(target, source_fingerprint(gguf)):
-            convert_gguf(gguf, target, extra={"alias": self.alias})
+        # convert_gguf also completes an older finished folder (its config's 4.x fields)
+        convert_gguf(gguf, target, extra={"alias": self.alias})
         return target
 
     def config_dict(self) -> dict:
