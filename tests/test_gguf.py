@@ -243,7 +243,11 @@ def test_a_converted_gguf_is_cached_and_not_redone(tmp_path):
     assert stamp["source_name"] == "m.gguf" and stamp["format"] == 2
     saved = json.loads((cached / "config.json").read_text())
     # transformers 4.x (and the papers' code pinned to it) reads only the top-level field
-    assert saved["rope_theta"] == saved["rope_parameters"]["rope_theta"] == source.config.rope_parameters["rope_theta"]
+    assert (
+        saved["rope_theta"]
+        == saved["rope_parameters"]["rope_theta"]
+        == source.config.rope_parameters["rope_theta"]
+    )
     files = {p: p.stat().st_mtime_ns for p in cached.rglob("*")}
     longreach.load(tmp_path / "m.gguf", dtype="fp32")
     assert {p: p.stat().st_mtime_ns for p in cached.rglob("*")} == files, "converted twice"
@@ -252,7 +256,10 @@ def test_a_converted_gguf_is_cached_and_not_redone(tmp_path):
     (cached / "config.json").write_text(json.dumps(saved))
     weights = (cached / "model.safetensors").stat().st_mtime_ns
     longreach.load(tmp_path / "m.gguf", dtype="fp32")
-    assert json.loads((cached / "config.json").read_text())["rope_theta"] == saved["rope_parameters"]["rope_theta"]
+    assert (
+        json.loads((cached / "config.json").read_text())["rope_theta"]
+        == saved["rope_parameters"]["rope_theta"]
+    )
     assert (cached / "model.safetensors").stat().st_mtime_ns == weights, "converted again"
 
 
