@@ -37,8 +37,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,22 @@ import torch
 from longreach import compat
 from longreach.errors import LongreachError
 
-__all__ = ["Context", "reuse_rule"]
+__all__ = ["Answer", "Context", "reuse_rule"]
 
 FORMAT = "longreach-context"
 FORMAT_VERSION = 1
 CROP, COPY = "crop", "copy"
+
+@dataclass
+class Answer:
+    """An answer's tokens and its cost: ``question_tokens`` read in ``question_s`` seconds,
+    then ``len(tokens)`` decoded in ``decode_s`` (one forward per token after the first)."""
+
+    tokens: list[int]
+    question_tokens: int
+    question_s: float
+    decode_s: float
+
 
 ProgressFn = Callable[[int, int], None]  # (tokens encoded so far, document tokens)
 Stop = str | Sequence[str] | Callable[[str], bool] | None
@@ -228,6 +241,18 @@ class Context:
         stop_at_eos: bool = True,
     ) -> list[int]:
         """The greedy answer's token ids for ``question_ids`` fed after the document."""
+        return self.answer_ids(question_ids, max_new_tokens, stop, stop_at_eos=stop_at_eos).tokens
+
+    def answer_ids(
+        self,
+        question_ids: Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 64,
+        stop: Stop = None,
+        *,
+        stop_at_eos: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> Answer:
+        """:meth:`ask_ids` with its cost: the seconds reading the question and decoding."""
         from longreach.prefill import advance, greedy
 
         if max_new_tokens < 1:
@@ -235,10 +260,13 @@ class Context:
         q = self._question(question_ids)
         done = _stop_rule(self.tokenizer, stop)
         with self._question_state() as state:
+            t0 = clock()
             advance(self.model, state, q, self.chunk)
+            t1 = clock()
             eos = self.eos if stop_at_eos else None
             new = greedy(self.model, state, max_new_tokens, eos, stop=done)
-        return [int(t) for t in new[0]]
+            t2 = clock()
+        return Answer([int(t) for t in new[0]], q.shape[1], t1 - t0, t2 - t1)
 
     def score_ids(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """The logits (k, vocab), fp32, at every position of ``tokens`` fed after the document."""
