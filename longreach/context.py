@@ -55,6 +55,7 @@ FORMAT = "longreach-context"
 FORMAT_VERSION = 1
 CROP, COPY = "crop", "copy"
 
+
 @dataclass
 class Answer:
     """An answer's tokens and its cost: ``question_tokens`` read in ``question_s`` seconds,
@@ -162,7 +163,9 @@ class Context:
         from longreach.methods import build_method
 
         if chunk < 1:
-            raise LongreachError(f"a context's chunk must be a positive number of tokens, got {chunk}.")
+            raise LongreachError(
+                f"a context's chunk must be a positive number of tokens, got {chunk}."
+            )
         if method is None:
             active = _active_methods(model)
             built = active[0] if len(active) == 1 else build_method("vanilla")
@@ -340,7 +343,9 @@ class Context:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "longreach": longreach.__version__,
-            "model": str(getattr(self.model, "longreach_source", None) or type(self.model).__name__),
+            "model": str(
+                getattr(self.model, "longreach_source", None) or type(self.model).__name__
+            ),
             "model_fingerprint": model_fingerprint(self.model, self.tokenizer),
             "method": self.method,
             "tokens": self.length,

@@ -104,7 +104,16 @@ def cell_key(
     A question of a shared context (``bench --questions-per-context``) appends the number of
     questions per context and its own index; every other cell keeps the eight fields.
     """
-    fields = [model_fingerprint, method, task, prompt_format, int(length), depth, int(seed), int(idx)]
+    fields = [
+        model_fingerprint,
+        method,
+        task,
+        prompt_format,
+        int(length),
+        depth,
+        int(seed),
+        int(idx),
+    ]
     if questions is not None:
         fields += [int(questions), None if question is None else int(question)]
     return json.dumps(fields)

@@ -81,7 +81,9 @@ def _niah(task: Niah, depth: float, seed: int, index: int, n: int):
     rng = task.rng(seed, index)
     cities = rng.sample(KEYS, n)
     values = [_value(rng) for _ in cities]
-    needles = [f"The special magic number for {c} is: {v}." for c, v in zip(cities, values)]
+    needles = [
+        f"The special magic number for {c} is: {v}." for c, v in zip(cities, values, strict=True)
+    ]
 
     def build(piece: HaystackPiece) -> list[Parts]:
         context, at = insert_needles(piece, needles, spread_depths(depth, n))
@@ -94,7 +96,7 @@ def _niah(task: Niah, depth: float, seed: int, index: int, n: int):
                 [v],
                 {"needle_depths": at, "key": c, "question_depth": at[i]},
             )
-            for i, (c, v) in enumerate(zip(cities, values))
+            for i, (c, v) in enumerate(zip(cities, values, strict=True))
         ]
 
     return build, 12, "haystack"
@@ -233,4 +235,3 @@ def question_set(
             )
         )
     return QuestionSet(document, document_ids, question_ids, samples)
-
