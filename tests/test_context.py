@@ -273,3 +273,23 @@ def test_a_database_without_the_question_columns_still_reads(tmp_path):
         (cell,) = store.cells()
     assert (cell.context_questions, cell.question, cell.context_encode_s) == (None, None, None)
     assert cell.key == old_key and len(json.loads(old_key)) == 8
+
+
+def test_the_cli_flag_runs_and_refuses_an_endpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from longreach.cli import app
+
+    db = tmp_path / "cli.db"
+    args = ["bench", "--model", "lab", "--task", "kv-retrieval", "--lengths", "1k"]
+    args += ["--samples", "1", "--questions-per-context", "3", "--db", str(db)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "3 cells computed, 0 already in" in " ".join(result.output.split())
+    with ResultStore(db) as store:
+        assert [c.question for c in store.cells()] == [0, 1, 2]
+    refused = CliRunner().invoke(
+        app, [*args, "--endpoint", "http://127.0.0.1:9/v1", "--served-model", "lab"]
+    )
+    assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
+    assert "--questions-per-context runs in-process" in " ".join(refused.output.split())
