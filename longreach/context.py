@@ -203,10 +203,8 @@ class Context:
 
     @property
     def method(self) -> str:
-        """The method's canonical spec (what a saved context records)."""
-        from longreach.bench.plan import canonical_method
-
-        return canonical_method(self._method.to_spec())
+        """The method's spec, naming the parameters that differ from their defaults."""
+        return self._method.to_spec()
 
     def ask(
         self,
@@ -336,7 +334,8 @@ class Context:
                 "self-extend, lm-infinite, ...) can be saved."
             )
         tensors = {"logits": self.logits.detach().contiguous().cpu()}
-        for i, (keys, values) in enumerate(_layers(self.cache)):
+        layers = _layers(self.cache)
+        for i, (keys, values) in enumerate(layers):
             tensors[f"layers.{i}.keys"] = keys.detach().contiguous().cpu()
             tensors[f"layers.{i}.values"] = values.detach().contiguous().cpu()
         header = {
@@ -348,9 +347,10 @@ class Context:
             ),
             "model_fingerprint": model_fingerprint(self.model, self.tokenizer),
             "method": self.method,
+            "method_params": _params(self._method),
             "tokens": self.length,
             "cache_type": type(self.cache).__name__,
-            "layers": len(tensors) // 2,
+            "layers": len(layers),
             "chunk": self.chunk,
         }
         out = Path(path).expanduser()
@@ -384,18 +384,25 @@ class Context:
         from safetensors import safe_open
         from transformers import DynamicCache
 
-        from longreach.bench.plan import canonical_method, model_fingerprint
+        from longreach.bench.plan import model_fingerprint
         from longreach.methods import build_method
 
         where = Path(path).expanduser()
         header = _read_header(where)
         saved = header["method"]
+        built = build_method(saved)
+        if _params(built) != header.get("method_params", _params(built)):
+            raise LongreachError(
+                f"{where} was encoded under {saved} with parameters {header['method_params']}, "
+                f"but {saved} now means {_params(built)} (changed defaults); encode the "
+                "document again."
+            )
         if method is not None:
-            asked = canonical_method(method if isinstance(method, str) else method.to_spec())
-            if asked != saved:
+            asked = build_method(method) if isinstance(method, str) else method
+            if asked != built:
                 raise LongreachError(
-                    f"{where} was encoded under method {saved}, not {asked}; load it with "
-                    f"method={saved!r} or encode the document again under {asked}."
+                    f"{where} was encoded under method {saved}, not {asked.to_spec()}; load it "
+                    f"with method={saved!r} or encode the document again under {asked.to_spec()}."
                 )
         fingerprint = model_fingerprint(model, tokenizer)
         if fingerprint != header["model_fingerprint"]:
@@ -406,14 +413,19 @@ class Context:
                 f"{fingerprint}, another model, dtype or tokenizer); load it with the model that "
                 "encoded it."
             )
-        built = build_method(saved)
         active = _active_methods(model)
         if active and active != [built]:
             raise LongreachError(
                 f"{where} was encoded under method {saved}, but the model has "
                 f"{', '.join(m.to_spec() for m in active)} applied; remove it first."
             )
-        cache = DynamicCache()
+        cache = built.new_cache(model)
+        cache = DynamicCache() if cache is None else cache
+        if type(cache).__name__ != header["cache_type"]:
+            raise LongreachError(
+                f"{where} holds a {header['cache_type']} but {saved} makes a "
+                f"{type(cache).__name__} on this model; encode the document again."
+            )
         device = model.device
         dtype = next(model.parameters()).dtype
         with safe_open(str(where), framework="pt") as f:
@@ -464,6 +476,11 @@ def _applied(model: torch.nn.Module, method: Any):
     from longreach.extend import extend
 
     return extend(model, method)
+
+
+def _params(method: Any) -> dict[str, Any]:
+    """The method's every parameter, as JSON values (what a saved context records)."""
+    return json.loads(json.dumps(method.params(), default=str))
 
 
 def _as_ids(tokenizer: Any, document: Any, device: Any, special: bool) -> torch.Tensor:

@@ -103,22 +103,25 @@ def test_stop_strings_cut_the_answer(lab):
     assert cut == full[: full.index(".")], f"expected {full[: full.index('.')]!r}, got {cut!r}"
 
 
-def test_a_saved_context_loads_and_answers_exactly(lab, tmp_path):
+@pytest.mark.parametrize("method", ["vanilla", "yarn:factor=4"])
+def test_a_saved_context_loads_and_answers_exactly(lab, tmp_path, method):
     model, tok = lab
-    ctx = lr.Context.encode(model, tok, DOC, chunk=128)
+    ctx = lr.Context.encode(model, tok, DOC, method=method, chunk=128)
     path = ctx.save(tmp_path / "doc.ctx")
     loaded = lr.Context.load(path, model, tok)
     q = _ids(tok, QUESTIONS[0])
     diff = (loaded.score_ids(q) - ctx.score_ids(q)).abs().max().item()
     assert diff == 0.0, f"expected identical logits after save/load, max |diff| {diff}"
     assert loaded.ask_ids(q, 10) == ctx.ask_ids(q, 10)
-    assert (loaded.length, loaded.method) == (ctx.length, "vanilla")
+    assert (loaded.length, loaded.method) == (ctx.length, ctx.method)
+    assert loaded.method == method.split(":")[0], "the spec names non-default parameters"
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         header = json.loads(f.metadata()["longreach"])
     assert header["tokens"] == ctx.length
-    assert header["method"] == "vanilla"
+    assert header["method"] == ctx.method
+    assert header["method_params"].get("factor") == (None if method == "vanilla" else 4)
     assert header["cache_type"] == "DynamicCache"
     assert header["longreach"] == lr.__version__
     assert len(header["model_fingerprint"]) == 16
