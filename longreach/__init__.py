@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 from longreach.errors import LongreachError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from longreach.context import Context
     from longreach.extend import extend
     from longreach.methods.reader import read
     from longreach.models import load
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from longreach.session import Session
 
 _LAZY = {
+    "Context": "longreach.context",
     "extend": "longreach.extend",
     "load": "longreach.models",
     "prefill": "longreach.prefill",
@@ -33,6 +35,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "Context",
     "LongreachError",
     "Session",
     "__version__",

@@ -218,6 +218,12 @@ def bench(
     timeout: float = typer.Option(
         600.0, "--timeout", help="With --endpoint: seconds without an answer before giving up."
     ),
+    questions_per_context: int = typer.Option(
+        1,
+        "--questions-per-context",
+        help="Encode each context once and ask it this many questions (passkey, niah, "
+        "kv-retrieval); each question is a cell.",
+    ),
 ) -> None:
     """Run a benchmark grid; every sample becomes one row of the SQLite results file."""
     from longreach.bench import BenchConfig, parse_depths, parse_lengths
@@ -252,7 +258,13 @@ def bench(
         db=db,
         dtype=dtype,
         chunk=chunk,
+        questions_per_context=questions_per_context,
     )
+    if endpoint and questions_per_context > 1:
+        raise LongreachError(
+            "--questions-per-context runs in-process (a server re-reads each prompt); drop it "
+            "or --endpoint."
+        )
     if endpoint:
         from longreach.bench.endpoint import EndpointConfig
         from longreach.bench.endpoint_backend import run_endpoints_bench

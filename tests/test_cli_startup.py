@@ -38,7 +38,7 @@ def test_public_functions_load_on_first_use_and_stay_functions():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        "['LongreachError', 'Session', 'extend', 'greedy', 'load', 'prefill', 'read']"
+        "['Context', 'LongreachError', 'Session', 'extend', 'greedy', 'load', 'prefill', 'read']"
     )
 
 

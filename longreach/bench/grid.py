@@ -85,6 +85,7 @@ class BenchConfig:
     device: str | None = None
     chunk: int | None = None  # chunked prefill size (tokens); None = one forward
     share_prefix: bool = True
+    questions_per_context: int = 1  # >1: one context encoded once, asked this many questions
 
     def validate(self) -> None:
         problems = self.problems()
@@ -104,6 +105,8 @@ class BenchConfig:
             out.append("no lengths given; write e.g. --lengths 2k,8k")
         if any(d < 0 or d > 1 for d in self.depths):
             out.append("depths must lie in [0, 1]")
+        if self.questions_per_context < 1:
+            out.append(f"--questions-per-context {self.questions_per_context} must be at least 1")
         if self.chunk is not None and self.chunk < 1:
             out.append(f"--chunk {self.chunk} must be a positive number of tokens")
         return out

@@ -110,6 +110,8 @@ class PlannedCell:
     seed: int
     idx: int
     fingerprint: str  # the model's
+    questions: int | None = None  # questions per shared context (None: a cell of its own)
+    question: int | None = None  # this cell's question of that context
 
     @property
     def key(self) -> str:
@@ -123,12 +125,16 @@ class PlannedCell:
             self.depth,
             self.seed,
             self.idx,
+            self.questions,
+            self.question,
         )
 
     def describe(self) -> str:
         depth = "" if self.depth is None else f" · depth {self.depth:g}"
+        asked = "" if self.questions is None else f" · question {self.question}"
         return (
-            f"{self.method} · {self.task.name} · {format_length(self.length)}{depth} · #{self.idx}"
+            f"{self.method} · {self.task.name} · {format_length(self.length)}{depth} · "
+            f"#{self.idx}{asked}"
         )
 
     def cell(self, facts: ModelFacts, sample: Sample | None, **measured: Any) -> Cell:
@@ -152,6 +158,8 @@ class PlannedCell:
             "expected": [],
             "prompt": "",
             "context_tokens": 0,
+            "context_questions": self.questions,
+            "question": self.question,
         }
         if sample is not None:
             fields.update(
@@ -197,8 +205,16 @@ def load_tasks(config: BenchConfig) -> list[Task]:
 def build_plan(
     config: BenchConfig, methods: list[str], tasks: list[Task], fingerprint: str
 ) -> list[PlannedCell]:
-    """Every cell of the grid, in run order: method, task, length, sample index, depth."""
+    """Every cell of the grid, in run order: method, task, length, sample index, depth (and
+    with ``questions_per_context`` > 1, the questions of each context)."""
     fmt = "chat" if config.chat else RAW
+    asked: list[int | None] = [None]
+    questions = config.questions_per_context if config.questions_per_context > 1 else None
+    if questions is not None:
+        from longreach.bench.context_cells import check_grid
+
+        check_grid(methods, tasks, questions)
+        asked = list(range(questions))
     cells = []
     for method in methods:
         for task in tasks:
@@ -211,7 +227,7 @@ def build_plan(
             for length in config.lengths:
                 for idx in range(samples):
                     for depth in depths:
-                        cells.append(
+                        cells += [
                             PlannedCell(
                                 method,
                                 task,
@@ -222,6 +238,9 @@ def build_plan(
                                 config.seed,
                                 idx,
                                 fingerprint,
+                                questions,
+                                question,
                             )  # fmt: skip
-                        )
+                            for question in asked
+                        ]
     return cells

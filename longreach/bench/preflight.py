@@ -206,12 +206,20 @@ def check_cells(model: Any, tokenizer: Any, config: BenchConfig, cells: list[Any
     probe = fmt or PromptFormat(tokenizer, chat=False)  # still find the tasks' own problems
     for (_, length), cell in _extremes(cells).items():
         if length not in too_big:
-            collect(
-                problems,
-                lambda c=cell: c.task.generate(probe, c.length, c.depth, c.seed, c.idx),
-            )
+            collect(problems, lambda c=cell: _generate(probe, c))
     raise_all(problems, "with this model")
     return fmt
+
+
+def _generate(fmt: Any, cell: Any) -> Any:
+    """The cell's sample (for a question of a shared context: its context's question set)."""
+    if cell.questions is not None:
+        from longreach.tasks.questions import question_set
+
+        return question_set(
+            cell.task, fmt, cell.length, cell.depth, cell.seed, cell.idx, cell.questions
+        )
+    return cell.task.generate(fmt, cell.length, cell.depth, cell.seed, cell.idx)
 
 
 def check_samples(fmt: Any, cells: list[Any]) -> None:

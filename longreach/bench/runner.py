@@ -393,6 +393,10 @@ def run_cells(ctx: RunContext, method: str, cells: list[PlannedCell], done: int 
     number of cells computed; an error stops at the failing cell (the earlier ones are in
     the sink). ``done`` is the progress count before the first cell.
     """
+    if cells and cells[0].questions is not None:  # --questions-per-context: shared contexts
+        from longreach.bench.context_cells import run_question_cells
+
+        return run_question_cells(ctx, method, cells, done)
     model, tokenizer, config = ctx.model, ctx.tokenizer, ctx.config
     device = model.device
     memory, timer = PeakMemory(device), Timer(device)

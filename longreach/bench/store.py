@@ -96,11 +96,27 @@ def cell_key(
     depth: float | None,
     seed: int,
     idx: int,
+    questions: int | None = None,
+    question: int | None = None,
 ) -> str:
-    """The primary key of a cell: a JSON list, so it is readable in any SQLite browser."""
-    return json.dumps(
-        [model_fingerprint, method, task, prompt_format, int(length), depth, int(seed), int(idx)]
-    )
+    """The primary key of a cell: a JSON list, so it is readable in any SQLite browser.
+
+    A question of a shared context (``bench --questions-per-context``) appends the number of
+    questions per context and its own index; every other cell keeps the eight fields.
+    """
+    fields = [
+        model_fingerprint,
+        method,
+        task,
+        prompt_format,
+        int(length),
+        depth,
+        int(seed),
+        int(idx),
+    ]
+    if questions is not None:
+        fields += [int(questions), None if question is None else int(question)]
+    return json.dumps(fields)
 
 
 @dataclass
@@ -135,18 +151,30 @@ class Cell:
     device: str | None = None
     dtype: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # A question of a context shared by ``context_questions`` questions (else None): its
+    # index, and on question 0 only, the seconds the shared document took to encode once.
+    context_questions: int | None = None
+    question: int | None = None
+    context_encode_s: float | None = None
     run_id: int | None = None
     created_at: str | None = None
 
     @property
     def key(self) -> str:
-        return cell_key(*(getattr(self, name) for name in KEY_FIELDS))
+        return cell_key(
+            *(getattr(self, name) for name in KEY_FIELDS), self.context_questions, self.question
+        )
 
 
 _CELL_COLUMNS = [f for f in Cell.__dataclass_fields__ if f not in ("run_id", "created_at")]
 # Columns added after schema 1 was first written: nullable, so an older longreach still reads
 # and writes the database. Opening adds the missing ones; a read-only database reads them as NULL.
-_ADDED_COLUMNS = {"context_words": "INTEGER"}
+_ADDED_COLUMNS = {
+    "context_words": "INTEGER",
+    "context_questions": "INTEGER",  # the questions of a shared context
+    "question": "INTEGER",
+    "context_encode_s": "REAL",
+}
 
 
 def _now() -> str:
