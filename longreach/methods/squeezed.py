@@ -54,7 +54,7 @@ def kmeans(points: torch.Tensor, n_clusters: int, iters: int, seed: int) -> torc
     km = _sklearn_kmeans()(
         n_clusters=n_clusters, init="k-means++", n_init=1, max_iter=iters, random_state=seed
     )
-    return torch.as_tensor(km.fit_predict(points.double().numpy()), dtype=torch.long)
+    return torch.as_tensor(km.fit_predict(points.float().numpy()), dtype=torch.long)
 
 
 def cluster_keys(
@@ -85,19 +85,24 @@ def centroid_scores(
     """Each cluster's estimated attention per key, averaged over queries: (Hkv, C).
 
     For a query q, a key of cluster c is estimated to get the softmax weight
-    ``exp(s q.C_c) / sum_j N_j exp(s q.C_j)`` (Hooper et al., 2024, Eq. 3: every key of
+    ``exp(s q.C_c) / sum_j N_j exp(s q.C_j)`` (the paper's centroid lookup: every key of
     cluster j scored as its centroid C_j, N_j keys in it). The estimate is averaged over the
     queries (B=1: (Hq, L, D)) and over the query heads that share a KV head. Clusters with
-    ``sizes`` 0 take no part in the denominator.
+    ``sizes`` 0 (emptied by a coarser level) are neither scored nor in the denominator: 0.
     """
     hkv = centroids.shape[0]
     hq, length, dim = query.shape
     q = query.float().view(hkv, hq // hkv, length, dim)
-    logits = torch.einsum("hgld,hcd->hglc", q, centroids.float().to(q.device)) * scale
-    log_sizes = sizes.float().to(q.device).log()  # -inf for an empty (or masked) cluster
-    denominator = torch.logsumexp(logits + log_sizes[:, None, None, :], dim=-1, keepdim=True)
-    estimate = (logits - denominator).exp().nan_to_num(0.0)
-    return estimate.mean(dim=(1, 2))
+    out = torch.zeros(centroids.shape[:2], device=q.device)
+    for h in range(hkv):
+        live = (sizes[h] > 0).nonzero().flatten()
+        if not len(live):
+            continue
+        logits = q[h] @ centroids[h, live].float().to(q.device).T * scale  # (g, L, live)
+        log_sizes = sizes[h, live].float().to(q.device).log()
+        denominator = torch.logsumexp(logits + log_sizes, dim=-1, keepdim=True)
+        out[h, live.to(q.device)] = (logits - denominator).exp().mean(dim=(0, 1))
+    return out
 
 
 @dataclasses.dataclass
@@ -112,8 +117,20 @@ class LayerClusters:
     coarse_centroids: torch.Tensor | None = None  # (Hkv, C1, D)
     coarse_threshold: float = float("-inf")
 
+    def to(self, device: torch.device) -> LayerClusters:
+        """The same clusters with their tensors on ``device`` (the keys')."""
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
     def sizes(self) -> torch.Tensor:
         return _sizes(self.labels, self.centroids.shape[1])
+
+    def coarse_sizes(self) -> torch.Tensor:
+        return _sizes(self.coarse_labels, self.coarse_centroids.shape[1])
 
 
 def _sizes(labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
@@ -130,26 +147,22 @@ def key_scores(
     clusters inside kept coarse ones are scored with a denominator over those only, and a
     key is kept when both pass. ``rank`` orders the kept keys first, the rest after.
     """
-    fine = centroid_scores(query, clusters.centroids, clusters.sizes(), scale)
     if clusters.coarse_labels is None:
-        score = fine.gather(1, clusters.labels.to(fine.device))
+        fine = centroid_scores(query, clusters.centroids, clusters.sizes(), scale)
+        score = fine.gather(1, clusters.labels)
         return score, score >= clusters.threshold
-    c1 = clusters.coarse_centroids.shape[1]
-    coarse = centroid_scores(
-        query, clusters.coarse_centroids, _sizes(clusters.coarse_labels, c1), scale
-    )
-    coarse_key = coarse.gather(1, clusters.coarse_labels.to(coarse.device))
+    coarse = centroid_scores(query, clusters.coarse_centroids, clusters.coarse_sizes(), scale)
+    coarse_key = coarse.gather(1, clusters.coarse_labels)
     level1 = coarse_key >= clusters.coarse_threshold
     n_fine = clusters.centroids.shape[1]
-    ok = level1.cpu()
     masked = torch.stack(
         [
             torch.bincount(lab[keep], minlength=n_fine)
-            for lab, keep in zip(clusters.labels, ok, strict=True)
+            for lab, keep in zip(clusters.labels, level1, strict=True)
         ]
     )
     fine = centroid_scores(query, clusters.centroids, masked, scale)
-    fine_key = fine.gather(1, clusters.labels.to(fine.device))
+    fine_key = fine.gather(1, clusters.labels)
     kept = level1 & (fine_key >= clusters.threshold)
     # scores are estimated softmax weights in [0, 1]: level-1 keys (2 + fine) rank first
     return torch.where(level1, 2.0 + fine_key, coarse_key), kept
@@ -313,17 +326,16 @@ class SqueezedLayout(Layout):
             out.coarse_centroids = coarse_c
             out.coarse_labels = coarse_of_fine.gather(1, labels)
         if self.threshold == 0:
-            return out  # every cluster kept: dense attention
+            return out.to(keys.device)  # every cluster kept: dense attention
         out.threshold = calibrate(
             calibration, centroids, labels, out.sizes(), scale, self.threshold
         )
         if self.levels == 2 and self.coarse_threshold > 0:
-            c1 = out.coarse_centroids.shape[1]
             out.coarse_threshold = calibrate(
-                calibration, out.coarse_centroids, out.coarse_labels,
-                _sizes(out.coarse_labels, c1), scale, self.coarse_threshold,
+                calibration, out.coarse_centroids, out.coarse_labels, out.coarse_sizes(), scale,
+                self.coarse_threshold,
             )  # fmt: skip
-        return out
+        return out.to(keys.device)
 
 
 def calibrate(
@@ -337,7 +349,11 @@ def calibrate(
     """The layer's threshold: the ``fraction`` quantile of the clustered keys' scores for the
     calibration ``queries`` (Hq, L, D), so that on them ``1 - fraction`` of the keys pass."""
     score = centroid_scores(queries, centroids, sizes, scale).gather(1, labels)
-    return float(torch.quantile(score.flatten().double(), fraction))
+    ordered = score.flatten().double().sort().values  # torch.quantile stops at 2**24 values
+    at = fraction * (len(ordered) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return float(ordered[lo] + (at - lo) * (ordered[hi] - ordered[lo]))
 
 
 @register
