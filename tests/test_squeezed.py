@@ -35,7 +35,8 @@ def _ask(model, doc, question, decode=(), cache=None, past=None):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_threshold_zero_keeps_every_cluster_and_is_vanilla(family):
+def test_threshold_zero_keeps_every_cluster_and_is_vanilla(family, monkeypatch):
+    monkeypatch.setattr(sq, "kmeans", lambda *a, **k: pytest.fail("threshold 0 needs no k-means"))
     model = tiny_model(family)
     doc, question = tokens(DOC, seed=1), tokens(QUESTION, seed=2)
     with torch.no_grad():

@@ -248,7 +248,7 @@ class SqueezedLayout(Layout):
 
     def _keep_calibration(self, state: FixedContext, call: AttentionCall) -> None:
         end = state.document_end
-        if end is None or self.threshold == 0:
+        if end is None or self.threshold == 0:  # threshold 0 reads every key: no calibration
             return
         lo = max(call.q_offset, end - self.window)
         hi = min(call.q_offset + call.query.shape[-2], end)
@@ -270,36 +270,41 @@ class SqueezedLayout(Layout):
         n = ctx - window  # clustered keys; the observation window is always read
         q_len, kv_len, s = query.shape[-2], key.shape[-2], call.q_offset
         scale = call.scale if call.scale is not None else query.shape[-1] ** -0.5
-        region = Region(k=(n, None), d=(0, None))
-        tiles, sources = [], []
-        staged = None
-        if n:
-            clusters = state.layers.get(call.layer)
-            if clusters is None or clusters.context != ctx:
-                clusters = self.cluster(key[0, :, :n], self._calibration(state, call), scale, ctx)
-                state.layers[call.layer] = clusters
-            rank, kept = key_scores(clusters, query[0], scale)
-            slots, counts = choose_keys(rank, kept)
-            m = slots.shape[1]
-            if state.counter is not None:
-                hkv = key.shape[1]
-                state.counter.calls += 1
-                state.counter.offered += hkv * ctx
-                state.counter.read += hkv * (m + window)
-                state.counter.kept += int(counts.sum()) + hkv * window
-            if m:
-                index = slots.to(key.device)[None, :, :, None]
-                staged_k = key.gather(2, index.expand(-1, -1, -1, key.shape[-1]))
-                staged_v = value.gather(2, index.expand(-1, -1, -1, value.shape[-1]))
-                sources.append(PositionSet(query, staged_k, 0, staged_v))
-                staged = m
+        if self.threshold == 0 or not n:  # every key read: plain causal attention
+            self._count(state, key.shape[1], ctx, ctx, ctx * key.shape[1])
+            return Work(_CAUSAL.plan(q_len, kv_len, s))
+        clusters = state.layers.get(call.layer)
+        if clusters is None or clusters.context != ctx:
+            clusters = self.cluster(key[0, :, :n], self._calibration(state, call), scale, ctx)
+            state.layers[call.layer] = clusters
+        rank, kept = key_scores(clusters, query[0], scale)
+        slots, counts = choose_keys(rank, kept)
+        m = slots.shape[1]
+        hkv = key.shape[1]
+        self._count(state, hkv, ctx, m + window, int(counts.sum()) + hkv * window)
+        sources = []
+        if m:
+            index = slots.to(key.device)[None, :, :, None]
+            staged_k = key.gather(2, index.expand(-1, -1, -1, key.shape[-1]))
+            staged_v = value.gather(2, index.expand(-1, -1, -1, value.shape[-1]))
+            sources.append(PositionSet(query, staged_k, 0, staged_v))
+        region = Region(k=(n, None), d=(0, None))  # the window and every newer key, causally
+        tiles = []
         for t0 in range(s, s + q_len, _TILE):
             t1 = min(s + q_len, t0 + _TILE)
             pieces = region_pieces(region, t0, t1, kv_len)
-            if staged:
-                pieces.append(Piece(Kind.FULL, t0, t1, 0, staged, 1))
+            if m:
+                pieces.append(Piece(Kind.FULL, t0, t1, 0, m, 1))
             tiles.append(Tile(t0, t1, _tidy(pieces)))
         return Work(Plan(q_len, kv_len, s, tuple(tiles)), sources)
+
+    @staticmethod
+    def _count(state: FixedContext, hkv: int, offered: int, read: int, kept: int) -> None:
+        if state.counter is not None:
+            state.counter.calls += 1
+            state.counter.offered += hkv * offered
+            state.counter.read += hkv * read
+            state.counter.kept += kept
 
     def _calibration(self, state: FixedContext, call: AttentionCall) -> torch.Tensor:
         """Calibration queries: the document's last ``window`` queries, kept while it was
