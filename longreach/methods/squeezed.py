@@ -378,8 +378,9 @@ class Squeezed(Method):
     attended exactly, merged by log-sum-exp. The threshold is calibrated per layer on the
     queries of the document's last ``window`` tokens: the ``threshold`` quantile of their
     scores over the layer's keys, so that about ``1 - threshold`` of the keys pass.
-    ``threshold=0`` keeps every cluster: exact attention. The clusters live with the cache,
-    so later questions on the same cache (cropped back to the document or not) reuse them.
+    ``threshold=0`` reads every key, without clustering: exact attention. The clusters live
+    with the cache, so later questions on the same cache (cropped back to the document or
+    not) reuse them.
 
     ``levels=2`` is the paper's hierarchical lookup: the fine centroids are clustered again
     into ``coarse_clusters`` x keys coarse ones; a key is read when its coarse cluster passes
