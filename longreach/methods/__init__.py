@@ -18,6 +18,7 @@ from longreach.methods import (  # noqa: F401 - register
     sirllm,
     snapkv,
     spans,
+    squeezed,
     streaming,
     truncated,
     vanilla,
