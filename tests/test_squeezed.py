@@ -171,3 +171,22 @@ def test_a_batch_of_questions_is_refused_in_one_line():
         state = lr.prefill(model, doc, chunk=128)
         with pytest.raises(LongreachError, match="one sequence"):
             lr.prefill(model, tokens(5, batch=2), cache=state.cache, past=DOC)
+
+
+def test_a_context_clusters_its_document_once_for_many_questions(monkeypatch):
+    calls = []
+    real = sq.kmeans
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sq, "kmeans", counting)
+    model = sharp_model(scale=4.0)
+    method = build_method("squeezed", threshold=0.7, **SPEC)
+    ctx = lr.Context.encode(model, None, tokens(DOC, seed=5)[0], method)
+    answers = [ctx.ask_ids(tokens(QUESTION, seed=s)[0], max_new_tokens=3) for s in (6, 7, 8)]
+    assert len(calls) == 2 * 2, f"{len(calls)} k-means runs for 3 questions, expected 2 x 2 once"
+    with lr.extend(model, "squeezed", threshold=0.7, **SPEC):
+        _, state = _ask(model, tokens(DOC, seed=5), tokens(QUESTION, seed=8))
+    assert answers[-1][0] == int(state.logits[0].argmax()), "the third answer as a fresh read"
