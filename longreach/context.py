@@ -27,8 +27,8 @@ How a question leaves the document's cache as it was depends on the cache type:
 - infllm's ``BlockMemoryCache``: copied per question while its memory is in RAM; a memory
   with blocks on disk is refused (a copy would share its files).
 
-A cache class of another method chooses with a ``context_reuse`` attribute, ``"crop"`` or
-``"copy"``. Saving supports the cropped kind (``DynamicCache``); the others are refused in one
+Each cache class declares its rule with a ``context_reuse`` attribute, ``"crop"`` or
+``"copy"`` (a plain ``DynamicCache`` without one is cropped, any other cache copied). Saving supports the cropped kind (``DynamicCache``); the others are refused in one
 line. Reader methods (infiniretri, xl3m) read the document per question and are refused.
 """
 
@@ -76,27 +76,12 @@ def reuse_rule(cache: Any) -> str:
 
     Raises a LongreachError for a cache that can do neither (a block memory with blocks on disk).
     """
-    declared = getattr(cache, "context_reuse", None)
+    declared = getattr(cache, "context_reuse", None)  # a cache class's own rule
     if declared in (CROP, COPY):
         return declared
     from transformers import DynamicCache
 
-    from longreach.memory.block_cache import BlockMemoryCache
-    from longreach.memory.evicting import EvictingCache
-    from longreach.methods.streaming import StreamingCache
-
-    if isinstance(cache, BlockMemoryCache):
-        if cache.disk_blocks:
-            raise LongreachError(
-                f"this infllm memory keeps {cache.disk_blocks} blocks on disk, which a context "
-                "cannot copy per question; give infllm a budget that holds the document in RAM."
-            )
-        return COPY
-    if isinstance(cache, (EvictingCache, StreamingCache)):
-        return COPY
-    if isinstance(cache, DynamicCache):
-        return CROP
-    return COPY
+    return CROP if isinstance(cache, DynamicCache) else COPY
 
 
 def _model_memo(model: torch.nn.Module) -> dict[int, Any]:

@@ -258,6 +258,17 @@ class BlockMemoryCache(Cache):
     def disk_blocks(self) -> int:
         return sum(layer.store.disk_blocks for layer in self.layers if layer.store is not None)
 
+    @property
+    def context_reuse(self) -> str:
+        """How a ``longreach.Context`` answers a question from this memory: from a copy (a
+        question's tokens would evict document blocks), possible while no block is on disk."""
+        if self.disk_blocks:
+            raise LongreachError(
+                f"this infllm memory keeps {self.disk_blocks} blocks on disk, which a context "
+                "cannot copy per question; give infllm a budget that holds the document in RAM."
+            )
+        return "copy"
+
     def close(self) -> None:
         """Delete this memory's files on disk now (they are also deleted when it is collected)."""
         self.budget.close()

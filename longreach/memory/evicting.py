@@ -143,6 +143,10 @@ class EvictingCache(Cache):
     positions. ``extra`` holds a policy's own state (e.g. token scores shared by layers).
     """
 
+    # A question after a document makes the policy evict document tokens, which a crop
+    # cannot bring back: a ``longreach.Context`` copies this cache per question.
+    context_reuse = "copy"
+
     def __init__(self, *, layers: int, method: str, rotary: torch.nn.Module | None = None) -> None:
         self.method = method
         self.rotary = rotary

@@ -75,6 +75,9 @@ class StreamingLayout(WindowedLayout):
 class StreamingCache(DynamicCache):
     """A KV cache that keeps the first ``sinks`` tokens and the most recent ones, nothing else.
 
+    A ``longreach.Context`` copies it per question (``context_reuse``): a question's tokens
+    push document tokens out, which a crop cannot bring back.
+
     Keys are stored *before* rotation (Xiao et al., 2023, section 3.2): each update
     un-rotates the new keys and returns all stored keys rotated by their slot in the
     cache, so no position ever exceeds the cache size. After every forward call the
@@ -93,6 +96,8 @@ class StreamingCache(DynamicCache):
     (slot positions change at every eviction) reads cos/sin rows from a table kept for
     the cache. With padding every call concatenates and gathers, as rows differ.
     """
+
+    context_reuse = "copy"
 
     def __init__(self, sinks: int, window: int, rotary: torch.nn.Module) -> None:
         super().__init__()
