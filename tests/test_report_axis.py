@@ -25,11 +25,17 @@ def _cells(method: str = "vanilla", chars: bool = True) -> list:
         for idx, (n_chars, n_words) in enumerate(samples):
             out.append(
                 _cell(
-                    idx, score=1.0 if length == 1024 else 0.5, method=method, length=length,
-                    context_tokens=length - 24, context_chars=n_chars if chars else None,
-                    context_words=n_words if chars else None, trained_length=1024,
-                    prefill_s=length / 1000, peak_mem_bytes=length * 2**20,
-                )  # fmt: skip
+                    idx,
+                    score=1.0 if length == 1024 else 0.5,
+                    method=method,
+                    length=length,
+                    context_tokens=length - 24,
+                    context_chars=n_chars if chars else None,
+                    context_words=n_words if chars else None,
+                    trained_length=1024,
+                    prefill_s=length / 1000,
+                    peak_mem_bytes=length * 2**20,
+                )
             )
     return out
 
@@ -148,10 +154,17 @@ def test_perplexity_figure_uses_the_axis():
     for length, chars in ((1024, 4000), (2048, 8400)):
         cells.append(
             _cell(
-                0, score=20.0, task="perplexity:haystack=pg,last=64", metric="perplexity",
-                depth=None, length=length, context_tokens=length, context_chars=chars,
-                context_words=chars // 6, trained_length=1024,
-            )  # fmt: skip
+                0,
+                score=20.0,
+                task="perplexity:haystack=pg,last=64",
+                metric="perplexity",
+                depth=None,
+                length=length,
+                context_tokens=length,
+                context_chars=chars,
+                context_words=chars // 6,
+                trained_length=1024,
+            )
         )
     series = [series_of(cells[0])]
     fig = figures.ppl_vs_accuracy(cells, series, False, [1024, 2048], 1024, 0.85, "characters")

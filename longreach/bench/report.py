@@ -160,9 +160,7 @@ def _model_context(
     cost = figures.cost_figure(cells, series, colors, show_format, lengths, trained, axis)
     perplexity = None
     if ppl_tasks:
-        fig = figures.ppl_vs_accuracy(
-            cells, series, show_format, lengths, trained, threshold, axis
-        )
+        fig = figures.ppl_vs_accuracy(cells, series, show_format, lengths, trained, threshold, axis)
         perplexity = writer.save(
             fig,
             f"{slug}-perplexity-vs-retrieval",
@@ -207,7 +205,7 @@ def _breakdown_table(rows, show_format: bool) -> dict[str, Any] | None:
     }
 
 
-def _effective(rows, tasks: list[str], show_format: bool, cells) -> dict[str, Any] | None:
+def _effective(rows, tasks: list[str], show_format: bool, all_cells) -> dict[str, Any] | None:
     """The effective-length table: a row per method, a cell per retrieval task."""
     if not tasks:
         return None
@@ -226,7 +224,7 @@ def _effective(rows, tasks: list[str], show_format: bool, cells) -> dict[str, An
                 mark = "≥ " if row.effective == max(row.by_length) else ""
                 cells.append({"cls": "good", "text": mark + format_length(row.effective)})
         table.append({"label": s.label(show_format), "cells": cells})
-    return {"tasks": [task_title(t, cells) for t in tasks], "rows": table}
+    return {"tasks": [task_title(t, all_cells) for t in tasks], "rows": table}
 
 
 # --------------------------------------------------------------------------- page

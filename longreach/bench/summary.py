@@ -309,9 +309,7 @@ def breakdown(cells: Iterable[Cell]) -> list[BreakdownRow]:
             group = (series_of(cell), task_name(cell.task), key, cell.meta[key])
             groups[group][cell.length].append(cell.score)
     rows = [
-        BreakdownRow(
-            s, t, k, v, {n: (statistics.fmean(x), len(x)) for n, x in sorted(by.items())}
-        )
+        BreakdownRow(s, t, k, v, {n: (statistics.fmean(x), len(x)) for n, x in sorted(by.items())})
         for (s, t, k, v), by in groups.items()
     ]
     rows.sort(key=lambda r: (r.series.model, r.series.method, r.task, str(type(r.value)), r.value))
