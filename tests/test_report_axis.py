@@ -71,7 +71,11 @@ def test_axis_position_and_per_token():
     "axis,xs", [("tokens", [1024, 2048]), ("characters", [3050, 7100]), ("words", [510, 1120])]
 )
 def test_accuracy_figure_places_points_on_the_axis(axis, xs):
-    cells = _cells()
+    own = _cells()
+    # another task with ten characters per token: it must not move this task's trained line
+    other = [_cell(i, task="niah", length=1024, context_chars=10240, context_words=2000)
+             for i in range(2)]  # fmt: skip
+    cells = own + other
     rows = summarize(cells)
     colors = figures.colors([series_of(cells[0])])
     fig = figures.accuracy_figure(rows, TASK, colors, False, [1024, 2048], 1024, 0.85, axis, cells)
@@ -82,7 +86,7 @@ def test_accuracy_figure_places_points_on_the_axis(axis, xs):
     unit = "tokens" if axis == "tokens" else f"{axis}, mean per point"
     assert ax.get_xlabel() == f"context length ({unit})"
     (trained,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
-    assert trained.get_xdata()[0] == pytest.approx(1024 * per_token(cells, axis))
+    assert trained.get_xdata()[0] == pytest.approx(1024 * per_token(own, axis)), "own ratio"
     labels = [t.get_text() for t in ax.get_xticklabels()]
     if axis == "characters":
         assert labels == ["3k", "4k", "5k", "6k", "7k", "8k", "9k"], "one 1-2-5 tick: 1 to 9"

@@ -163,7 +163,9 @@ def accuracy_figure(rows, task, colors, show_format, lengths, trained, threshold
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o",
                 color=colors[row.series], label=row.series.label(show_format))  # fmt: skip
     ax.axhline(threshold, color="0.6", linestyle=":", linewidth=1)
-    x_axis(ax, axis, lengths, trained, placed, per_token(cells, axis))
+    # The task's own characters (words) per token: tasks differ (digits, words, prose).
+    ratio = per_token([c for c in cells if c.task == task], axis)
+    x_axis(ax, axis, lengths, trained, placed, ratio)
     ax.set_ylim(-0.03, 1.05)
     ax.set_ylabel("accuracy (mean)")
     ax.set_title(title or task_name(task))
