@@ -432,12 +432,18 @@ def report(
     threshold: float = typer.Option(
         0.85, "--threshold", help="Accuracy threshold of the effective context length."
     ),
+    x: str = typer.Option(
+        "tokens",
+        "--x",
+        help="Length axis of the figures: tokens, characters or words (the mean of the "
+        "cells' contexts; token counts differ between tokenizers).",
+    ),
 ) -> None:
     """Render the results as PNG figures and one self-contained index.html."""
     from longreach.bench.report import write_report
 
     with console.status("rendering the report"):
-        made = write_report(db, out, threshold)
+        made = write_report(db, out, threshold, axis=x)
     console.print(f"report: [bold]{made.index}[/] ({len(made.images)} figures, {made.cells} cells)")
 
 

@@ -29,6 +29,7 @@ from longreach.bench.summary import (
     check_threshold,
     ruler_suite,
     summarize,
+    task_title,
 )
 from longreach.tasks.ruler import RULER_NAMES
 
@@ -141,9 +142,7 @@ def summary_table(
         else:
             reached_end = row.effective == max(row.by_length)
             effective = ("≥ " if reached_end else "") + format_length(row.effective)
-        name = (
-            row.task.split(":")[0] if not row.task.startswith("file:") else row.task.split(":")[1]
-        )
+        name = task_title(row.task, cells)
         table.add_row(row.series.label(show_format), name, *values, effective)
         last_of_series = i == len(rows) - 1 or rows[i + 1].series != row.series
         if last_of_series and row.series in suites:

@@ -33,11 +33,13 @@ from longreach.bench.store import Cell, ResultStore
 from longreach.bench.summary import (
     DEFAULT_THRESHOLD,
     Series,
+    breakdown,
+    check_counted,
     check_threshold,
     depth_grid,
     series_of,
     summarize,
-    task_name,
+    task_title,
 )
 from longreach.errors import LongreachError
 
@@ -71,8 +73,14 @@ class _Writer:
         return {"name": path.name, "uri": uri, "alt": alt}
 
 
-def write_report(db: str | Path, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> Report:
-    """Render the report of every cell in ``db`` into the folder ``out``."""
+def write_report(
+    db: str | Path, out: str | Path, threshold: float = DEFAULT_THRESHOLD, axis: str = "tokens"
+) -> Report:
+    """Render the report of every cell in ``db`` into the folder ``out``.
+
+    ``axis``: the figures' length axis, ``tokens`` (the requested lengths), ``characters`` or
+    ``words`` (each point at the mean count of its cells' contexts).
+    """
     check_threshold(threshold)
     with ResultStore(db, create=False) as store:
         cells = store.cells(include_prompt=False)
@@ -81,6 +89,7 @@ def write_report(db: str | Path, out: str | Path, threshold: float = DEFAULT_THR
         raise LongreachError(
             f"{db} holds no finished cells yet; run `longreach bench --db {db}` first."
         )
+    check_counted(cells, axis, str(db))
     out = Path(out).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -93,11 +102,11 @@ def write_report(db: str | Path, out: str | Path, threshold: float = DEFAULT_THR
     for cell in cells:
         by_model[(cell.model, cell.model_fingerprint)].append(cell)
     models = [
-        _model_context(writer, model, fp, model_cells, threshold)
+        _model_context(writer, model, fp, model_cells, threshold, axis)
         for (model, fp), model_cells in by_model.items()
     ]
     index = out / "index.html"
-    index.write_text(_page(models, cells, runs, Path(db), threshold), encoding="utf-8")
+    index.write_text(_page(models, cells, runs, Path(db), threshold, axis), encoding="utf-8")
     return Report(index=index, images=writer.images, cells=len(cells))
 
 
@@ -105,7 +114,7 @@ def write_report(db: str | Path, out: str | Path, threshold: float = DEFAULT_THR
 
 
 def _model_context(
-    writer: _Writer, model: str, fp: str, cells: list[Cell], threshold: float
+    writer: _Writer, model: str, fp: str, cells: list[Cell], threshold: float, axis: str
 ) -> dict[str, Any]:
     slug = _slug(f"{Path(model).name}-{fp[:6]}")
     trained = next((c.trained_length for c in cells if c.trained_length), None)
@@ -119,11 +128,23 @@ def _model_context(
 
     accuracy = [
         writer.save(
-            figures.accuracy_figure(rows, task, colors, show_format, lengths, trained, threshold),
+            figures.accuracy_figure(
+                rows, task, colors, show_format, lengths, trained, threshold, axis, cells,
+                title=task_title(task, cells),
+            ),
             f"{slug}-accuracy-{_slug(task)}",
-            f"{task}: accuracy vs length",
+            f"{task}: accuracy vs length" + ("" if axis == "tokens" else f" ({axis})"),
         )
         for task in acc_tasks
+    ]  # fmt: skip
+    by_property = breakdown(cells)
+    properties = [
+        writer.save(
+            figures.breakdown_figure(by_property, task, key, series, colors, show_format),
+            f"{slug}-{_slug(task)}-by-{_slug(key)}",
+            f"{task}: accuracy vs number of {key}, a line per method and length",
+        )
+        for task, key in dict.fromkeys((r.task, r.key) for r in by_property)
     ]
     grids = depth_grid(cells)
     heatmaps = []
@@ -136,10 +157,10 @@ def _model_context(
                     fig, f"{slug}-heatmap-{_slug(task)}", f"{task}: score by depth and length"
                 )
             )
-    cost = figures.cost_figure(cells, series, colors, show_format, lengths, trained)
+    cost = figures.cost_figure(cells, series, colors, show_format, lengths, trained, axis)
     perplexity = None
     if ppl_tasks:
-        fig = figures.ppl_vs_accuracy(cells, series, show_format, lengths, trained, threshold)
+        fig = figures.ppl_vs_accuracy(cells, series, show_format, lengths, trained, threshold, axis)
         perplexity = writer.save(
             fig,
             f"{slug}-perplexity-vs-retrieval",
@@ -150,8 +171,10 @@ def _model_context(
         "name": model,
         "fingerprint": fp,
         "trained": trained if trained else "unknown",
-        "effective": _effective(rows, acc_tasks, show_format),
+        "effective": _effective(rows, acc_tasks, show_format, cells),
         "accuracy": accuracy,
+        "breakdown": _breakdown_table(by_property, show_format),
+        "breakdown_figures": properties,
         "heatmaps": heatmaps,
         "cost": None
         if cost is None
@@ -160,7 +183,29 @@ def _model_context(
     }
 
 
-def _effective(rows, tasks: list[str], show_format: bool) -> dict[str, Any] | None:
+def _breakdown_table(rows, show_format: bool) -> dict[str, Any] | None:
+    """Accuracy per (method, task, property value) and length, e.g. long-icl's labels."""
+    if not rows:
+        return None
+    lengths = sorted({n for r in rows for n in r.by_length})
+    return {
+        "lengths": [format_length(n) for n in lengths],
+        "rows": [
+            {
+                "label": r.series.label(show_format),
+                "task": r.task,
+                "value": f"{r.value} {r.key}",
+                "cells": [
+                    f"{r.by_length[n][0]:.2f} (n={r.by_length[n][1]})" if n in r.by_length else "–"
+                    for n in lengths
+                ],
+            }
+            for r in rows
+        ],
+    }
+
+
+def _effective(rows, tasks: list[str], show_format: bool, all_cells) -> dict[str, Any] | None:
     """The effective-length table: a row per method, a cell per retrieval task."""
     if not tasks:
         return None
@@ -179,7 +224,7 @@ def _effective(rows, tasks: list[str], show_format: bool) -> dict[str, Any] | No
                 mark = "≥ " if row.effective == max(row.by_length) else ""
                 cells.append({"cls": "good", "text": mark + format_length(row.effective)})
         table.append({"label": s.label(show_format), "cells": cells})
-    return {"tasks": [task_name(t) for t in tasks], "rows": table}
+    return {"tasks": [task_title(t, all_cells) for t in tasks], "rows": table}
 
 
 # --------------------------------------------------------------------------- page
@@ -232,7 +277,12 @@ def _cell_row(cell: Cell) -> list[tuple[str, str]]:
 
 
 def _page(
-    models: list[dict[str, Any]], cells: list[Cell], runs: list[dict], db: Path, threshold: float
+    models: list[dict[str, Any]],
+    cells: list[Cell],
+    runs: list[dict],
+    db: Path,
+    threshold: float,
+    axis: str,
 ) -> str:
     import jinja2
 
@@ -251,6 +301,7 @@ def _page(
         generated=time.strftime("%Y-%m-%d %H:%M"),
         versions=", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform"),
         threshold=f"{threshold:.0%}",
+        axis=axis,
         models=models,
         columns=[(label, "num" if attr in _NUMERIC else "text") for label, attr in _COLUMNS],
         rows=[_cell_row(cell) for cell in cells],

@@ -16,6 +16,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from longreach.bench.store import Cell
 from longreach.errors import LongreachError
@@ -201,3 +202,115 @@ def ruler_suite(rows: list[SummaryRow], threshold: float = RULER_THRESHOLD) -> l
             )
         )
     return out
+
+
+# ---- the x axis: tokens, characters or words
+
+# Token counts differ between tokenizers (Needle Threading, Roberts et al., 2024): the report
+# can place each length at the mean characters or words of its cells' contexts instead.
+AXES = {"tokens": "context_tokens", "characters": "context_chars", "words": "context_words"}
+
+
+def check_axis(axis: str) -> None:
+    """``axis`` is one of AXES; raise a one-line error otherwise."""
+    if axis not in AXES:
+        raise LongreachError(
+            f"x axis {axis!r} is not one of {', '.join(AXES)}; e.g. --x characters."
+        )
+
+
+def axis_position(cells: Iterable[Cell], length: int, axis: str) -> float | None:
+    """Where a group of cells of one requested ``length`` sits on the ``axis``.
+
+    tokens: the requested length itself (the grid's own value); characters or words: the mean
+    count of the cells' contexts, or None when none of them recorded it (an older database).
+    """
+    if axis == "tokens":
+        return float(length)
+    counts = [getattr(c, AXES[axis]) for c in cells]
+    kept = [n for n in counts if n is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+def per_token(cells: Iterable[Cell], axis: str) -> float | None:
+    """Characters (or words) per token over the cells that recorded both: the ratio that
+    places a token length (the trained length) on a characters or words axis."""
+    if axis == "tokens":
+        return 1.0
+    pairs = [(getattr(c, AXES[axis]), c.context_tokens) for c in cells]
+    counted = [(n, t) for n, t in pairs if n is not None and t]
+    if not counted:
+        return None
+    return sum(n for n, _ in counted) / sum(t for _, t in counted)
+
+
+def check_counted(cells: list[Cell], axis: str, where: str) -> None:
+    """An axis of characters or words needs cells that recorded them; one-line error if none."""
+    check_axis(axis)
+    if axis != "tokens" and all(getattr(c, AXES[axis]) is None for c in cells):
+        raise LongreachError(
+            f"{where} holds no {axis} counts (its cells were written before longreach counted "
+            f"them); rerun the benchmark into a new file or use --x tokens."
+        )
+
+
+# ---- tasks also reported by a property of their samples (long-icl: the number of labels)
+
+
+def reported_by(spec: str) -> str | None:
+    """The sample property (a ``meta`` key) a task's results are also reported by, if any:
+    its ``reported_by`` trait (long-icl: ``"labels"``)."""
+    from longreach.tasks import TASKS
+
+    if spec.startswith("file:"):
+        return None
+    return getattr(TASKS.get(task_name(spec)), "reported_by", None)
+
+
+def _value_text(key: str, values: Iterable[Any]) -> str:
+    shown = sorted(set(values), key=lambda v: (str(type(v)), v))
+    return f"{'/'.join(str(v) for v in shown)} {key}"
+
+
+def task_title(spec: str, cells: Iterable[Cell]) -> str:
+    """A task's name as tables show it: ``long-icl · 24 labels`` for a task reported by a
+    property, else its name (``task_name``)."""
+    key = reported_by(spec)
+    name = task_name(spec)
+    if key is None:
+        return name
+    values = [c.meta[key] for c in cells if c.task == spec and key in (c.meta or {})]
+    return f"{name} · {_value_text(key, values)}" if values else name
+
+
+@dataclass
+class BreakdownRow:
+    """Mean accuracy of a series on a task at one value of its property (``key``), by length."""
+
+    series: Series
+    task: str
+    key: str
+    value: Any
+    by_length: dict[int, tuple[float, int]]
+
+
+def breakdown(cells: Iterable[Cell]) -> list[BreakdownRow]:
+    """One row per (series, task, property value) of the tasks that declare ``reported_by``:
+    long-icl's accuracy per number of labels and per length, whatever the specs asked
+    (``labels=0`` and ``labels=24`` of a 24-label file are one row)."""
+    groups: dict[tuple[Series, str, str, Any], dict[int, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for cell in cells:
+        key = reported_by(cell.task)
+        if key is None or cell.score is None or cell.metric != "accuracy":
+            continue
+        if key in (cell.meta or {}):
+            group = (series_of(cell), task_name(cell.task), key, cell.meta[key])
+            groups[group][cell.length].append(cell.score)
+    rows = [
+        BreakdownRow(s, t, k, v, {n: (statistics.fmean(x), len(x)) for n, x in sorted(by.items())})
+        for (s, t, k, v), by in groups.items()
+    ]
+    rows.sort(key=lambda r: (r.series.model, r.series.method, r.task, str(type(r.value)), r.value))
+    return rows

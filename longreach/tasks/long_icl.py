@@ -72,6 +72,8 @@ class LongIcl(Task):
     )
     uses_depth: ClassVar[bool] = False
     max_new_tokens: ClassVar[int] = 24
+    # Results are also reported per number of labels (the cells' ``meta.labels``).
+    reported_by: ClassVar[str] = "labels"
 
     def _path(self) -> Path:
         return (SHIPPED if self.file == "tiny" else Path(self.file).expanduser()).resolve()
