@@ -264,7 +264,8 @@ def reported_by(spec: str) -> str | None:
 
     if spec.startswith("file:"):
         return None
-    return getattr(TASKS.get(task_name(spec)), "reported_by", None)
+    task = TASKS.get(task_name(spec))
+    return None if task is None else task.reported_by
 
 
 def _value_text(key: str, values: Iterable[Any]) -> str:

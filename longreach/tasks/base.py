@@ -189,6 +189,8 @@ class Task:
     uses_haystack: ClassVar[bool] = False
     default_haystack: ClassVar[str] = "pg"
     metric: ClassVar[str] = "accuracy"
+    # A task parameter the table and report break results down by (long-icl: "labels").
+    reported_by: ClassVar[str | None] = None
 
     @classmethod
     def from_params(cls, params: dict[str, str], default_haystack: str | None = None) -> Task:
