@@ -105,9 +105,13 @@ def _rows(keep: torch.Tensor | None, slots: slice) -> torch.Tensor | None:
 
 
 def _merge(o1, l1, o2, l2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two attentions of the same queries over disjoint key sets, combined by log-sum-exp."""
+    """Two attentions of the same queries over disjoint key sets, combined by log-sum-exp.
+
+    Overwrites ``o1`` (fp32, owned by the caller) with the result.
+    """
     lse = torch.logaddexp(l1, l2)
-    return o1 * (l1 - lse).exp()[..., None] + o2 * (l2 - lse).exp()[..., None], lse
+    w1, w2 = (l1 - lse).exp_()[..., None], (l2 - lse).exp_()[..., None]
+    return o1.mul_(w1).addcmul_(o2, w2), lse
 
 
 def _block_index(total: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
