@@ -90,14 +90,13 @@ def _padding(keep: torch.Tensor | None) -> KeyPadding | None:
 
 
 def _exact(q, k, v, keep, scale, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention (fp32 output, log-sum-exp) of q over k, v: full, or causal on a square."""
+    """Exact attention (output, log-sum-exp) of q over k, v: full, or causal on a square."""
     n, s = q.shape[-2], k.shape[-2]
     if causal:
         work = plan((Region(d=(0, None)),), n, s, 0, block=max(1024, n), check=False)
     else:
         work = _full_plan(n, s)
-    o, lse = block_attention(q, k, v, work, scale=scale, padding=_padding(keep), return_lse=True)
-    return o.float(), lse
+    return block_attention(q, k, v, work, scale=scale, padding=_padding(keep), return_lse=True)
 
 
 def _rows(keep: torch.Tensor | None, slots: slice) -> torch.Tensor | None:
@@ -107,11 +106,11 @@ def _rows(keep: torch.Tensor | None, slots: slice) -> torch.Tensor | None:
 def _merge(o1, l1, o2, l2) -> tuple[torch.Tensor, torch.Tensor]:
     """Two attentions of the same queries over disjoint key sets, combined by log-sum-exp.
 
-    Overwrites ``o1`` (fp32, owned by the caller) with the result.
+    The result is fp32 whatever the inputs' dtype (the fp32 weights promote them).
     """
     lse = torch.logaddexp(l1, l2)
     w1, w2 = (l1 - lse).exp_()[..., None], (l2 - lse).exp_()[..., None]
-    return o1.mul_(w1).addcmul_(o2, w2), lse
+    return torch.mul(o1, w1).addcmul_(o2, w2), lse
 
 
 def _block_index(total: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -185,7 +184,7 @@ class HyperLayout(Layout):
 
     def rectangle(self, q, k, v, keep, layer: int, q0: int, k0: int, scale: float):
         """Every query (slots ``q0 ..``) over every key (slots ``k0 ..``): HyperAttention's
-        estimator without a mask. Returns (fp32 output, log-sum-exp)."""
+        estimator without a mask. Returns (output, log-sum-exp)."""
         bsz, hq, n_q, dim = q.shape
         hkv, n_k = k.shape[1], k.shape[2]
         g = hq // hkv
@@ -228,7 +227,6 @@ class HyperLayout(Layout):
             padding=_padding(k_keep.reshape(rows, k_size)),
             return_lse=True,
         )
-        o = o.float()
 
         # 2. The residual: sample_size keys drawn uniformly (per batch row and KV head), each
         # weighted n_k / sample_size, those of the query's own block left out.
@@ -257,7 +255,7 @@ class HyperLayout(Layout):
                 padding=_padding(s_keep.reshape(rows, m)),
                 return_lse=True,
             )
-            o, lse = _merge(o, lse, o_res.float(), l_res + math.log(n_k / m))
+            o, lse = _merge(o, lse, o_res, l_res + math.log(n_k / m))
 
         # 3. Back to the queries' own order: sorted place r sits in block b at row r - edge_b.
         o = (
