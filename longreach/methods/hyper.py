@@ -335,11 +335,11 @@ class Hyper(Method):
     at the same quantiles. Sampled keys that fall in the query's own block are left out
     (they are counted exactly). Causal attention halves recursively: the two diagonal halves
     recurse, the second half's queries over the first half's keys use the estimator; a
-    causal square of at most ``min_seq_len`` tokens, and a block of fewer than
+    causal square of at most ``min_seq_len`` tokens, and a rectangle of fewer than
     ``min_seq_len`` queries, is exact attention. Cost about n (block_size + sample_size)
     pairs per head instead of n^2 / 2; never an n x n matrix.
 
-    The defaults are those of the reference code (github.com/insuhan/hyper-attn):
+    The defaults are those of the authors' reference code (insuhan/hyper-attn on GitHub):
     ``lsh_num_projs=7``, ``block_size=256``, ``sample_size=256``, ``min_seq_len=4096``,
     every layer (its ``num_patch_layers=-1``). Departures from it:
 
@@ -363,9 +363,9 @@ class Hyper(Method):
     Parameters:
         lsh_num_projs: hyperplanes of the angular LSH (default 7: 128 buckets).
         block_size: keys per block of the sorted order (default 256).
-        sample_size: uniformly sampled residual keys per block of the split (default 256;
-            0: blocks only).
-        min_seq_len: causal squares up to this size, and blocks of fewer queries, are exact
+        sample_size: uniformly sampled residual keys per rectangle of the split (default
+            256; 0: blocks only).
+        min_seq_len: causal squares up to this size, and rectangles of fewer queries, are exact
             (default 4096).
         seed: seeds the projections and samples (default 0).
         layers: -1 every layer, N the last N layers (default -1).
