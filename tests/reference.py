@@ -634,3 +634,121 @@ def squeezed_attention(*, context, window, layers, calls):
         return _finish(scores[None], visible[None], value, query)
 
     return attention
+
+
+def hyper_attention(
+    *,
+    lsh_num_projs,
+    block_size,
+    sample_size,
+    min_seq_len,
+    seed=0,
+    calls=(0,),
+    layers=None,
+    keep=None,
+):
+    """HyperAttention (Han et al., 2023) simulated in float64 on a whole sequence split into calls.
+
+    Builds, per query head, the (n, n) multiplicity of every (query, key) pair and takes one
+    softmax of scores + log(multiplicity). A call [p0, p1) attends its own keys causally and
+    the keys [0, p0) as one rectangle. Causal square of n tokens: exact (multiplicity 1 for
+    j <= i) if n <= min_seq_len, else split at h = ceil(n / 2): both halves recursively and
+    the rectangle (second-half queries, first-half keys). Rectangle of L queries x S keys:
+    exact if L < min_seq_len or nb = ceil(S / block_size) is 1; else each vector's bucket is
+    the place of its sign pattern (bit t: projection t > 0) in the Gray sequence
+    [t ^ (t >> 1) for t in range(2^r)]; queries and keys are stably sorted by bucket, the
+    sorted keys at places floor(b S / nb) .. floor((b + 1) S / nb) - 1 form block b (queries
+    alike with L); a query sees its block's keys once and every sampled key (the seeded
+    draw of longreach.methods.hyper.sampled_keys) outside its block S / sample_size times
+    per draw. ``layers``: the layer indices that use the rule (None: all; the others causal).
+    ``keep`` (n,) bool: False for padded keys, which take their places in the order and the
+    draws but are never attended (rows of padded queries come out 0).
+    """
+    from longreach.methods.hyper import lsh_projections, sampled_keys
+
+    gray = [t ^ (t >> 1) for t in range(2**lsh_num_projs)]
+    place_of = {code: place for place, code in enumerate(gray)}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, kk = query[0].double(), key[0].double()
+        hq, n, d = q.shape
+        hkv = kk.shape[0]
+        g = hq // hkv
+        layer = module.layer_idx
+        proj = lsh_projections(seed, layer, d, lsh_num_projs).double()
+        mult = torch.zeros(hq, n, n, dtype=torch.float64)
+
+        def bucket(x):  # x (m, D) -> Gray places
+            bits = (x @ proj) > 0
+            return [place_of[sum(int(b) << t for t, b in enumerate(row))] for row in bits]
+
+        def blocks_of(x, nb):  # (m, D) -> block of each vector (list)
+            b = bucket(x)
+            order = sorted(range(len(b)), key=lambda t: b[t])
+            out = [0] * len(b)
+            for blk in range(nb):
+                for place in range(blk * len(b) // nb, (blk + 1) * len(b) // nb):
+                    out[order[place]] = blk
+            return torch.tensor(out)
+
+        def rectangle(qs, ks):
+            big_l, big_s = qs.stop - qs.start, ks.stop - ks.start
+            nb = -(-big_s // block_size)
+            if big_l < min_seq_len or nb == 1:
+                mult[:, qs, ks] = 1.0
+                return
+            picks = sampled_keys(seed, layer, qs.start, ks.start, ks.stop, (1, hkv), sample_size)
+            for h in range(hkv):
+                k_block = blocks_of(kk[h, ks], nb)
+                count = torch.bincount(picks[0, h], minlength=big_s).double()
+                for hh in range(h * g, (h + 1) * g):
+                    q_block = blocks_of(q[hh, qs], nb)
+                    same = (q_block[:, None] == k_block[None, :]).double()
+                    if sample_size:
+                        same = same + (1 - same) * count[None, :] * big_s / sample_size
+                    mult[hh, qs, ks] = same
+
+        def causal(a, b):
+            if b - a <= min_seq_len:
+                i, j = torch.arange(a, b)[:, None], torch.arange(a, b)[None, :]
+                mult[:, a:b, a:b] = (j <= i).double()
+                return
+            h = a + (b - a + 1) // 2
+            causal(a, h)
+            causal(h, b)
+            rectangle(slice(h, b), slice(a, h))
+
+        if layers is not None and layer not in layers:
+            causal_all = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+            mult[:] = causal_all.double()
+        else:
+            bounds = [*calls, n]
+            for p0, p1 in zip(bounds, bounds[1:], strict=False):
+                causal(p0, p1)
+                if p0 > 0:
+                    rectangle(slice(p0, p1), slice(0, p0))
+        if keep is not None:
+            mult[:, :, ~keep] = 0.0
+        scores = (q @ kk.repeat_interleave(g, 0).transpose(-1, -2)) * scaling + mult.log()
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out = weights @ value[0].double().repeat_interleave(g, 0)
+        return out[None].to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def padded_reference_logits(model, input_ids, attention_mask, attention) -> torch.Tensor:
+    """:func:`reference_logits` with a 2-D padding mask passed to the model (positions 0..n-1)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = f"reference-{id(attention)}"
+    previous = model.config._attn_implementation
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            return model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)

@@ -9,6 +9,7 @@ from longreach.methods import (  # noqa: F401 - register
     dynamic_ntk,
     h2o,
     hip,
+    hyper,
     infiniretri,
     infllm,
     lm_infinite,
