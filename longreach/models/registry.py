@@ -84,12 +84,19 @@ class ModelAlias:
                     f"model alias {self.alias!r} is not built in this installation ({path} is missing)."
                 )
             return path
-        from longreach.models.gguf_convert import convert_gguf
+        from longreach.models.gguf_convert import (
+            add_legacy_rope_fields,
+            convert_gguf,
+            is_complete,
+            source_fingerprint,
+        )
 
         gguf = self.gguf_path()
         target = self.cache_dir()
-        # convert_gguf also completes an older finished folder (its config's 4.x fields)
-        convert_gguf(gguf, target, extra={"alias": self.alias})
+        if is_complete(target, source_fingerprint(gguf)):
+            add_legacy_rope_fields(target)  # a folder saved before configs carried them
+        else:
+            convert_gguf(gguf, target, extra={"alias": self.alias})
         return target
 
     def config_dict(self) -> dict:
