@@ -201,8 +201,11 @@ def streaming_attention(sinks: int, window: int, inv_freq: torch.Tensor):
     return attention
 
 
-def reference_logits(model, input_ids: torch.Tensor, attention) -> torch.Tensor:
-    """Logits of ``model`` on one unpadded batch with ``attention`` as its attention function."""
+def reference_logits(
+    model, input_ids: torch.Tensor, attention, attention_mask=None
+) -> torch.Tensor:
+    """Logits of ``model`` on one batch with ``attention`` as its attention function
+    (``attention_mask``: a 2-D padding mask passed to the model, positions 0..n-1)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -213,7 +216,7 @@ def reference_logits(model, input_ids: torch.Tensor, attention) -> torch.Tensor:
     model.set_attn_implementation(name)
     try:
         with torch.no_grad():
-            return model(input_ids, use_cache=False).logits
+            return model(input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         model.set_attn_implementation(previous)
 
@@ -735,20 +738,3 @@ def hyper_attention(
         return out[None].to(query.dtype).transpose(1, 2).contiguous(), None
 
     return attention
-
-
-def padded_reference_logits(model, input_ids, attention_mask, attention) -> torch.Tensor:
-    """:func:`reference_logits` with a 2-D padding mask passed to the model (positions 0..n-1)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    name = f"reference-{id(attention)}"
-    previous = model.config._attn_implementation
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.set_attn_implementation(name)
-    try:
-        with torch.no_grad():
-            return model(input_ids, attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        model.set_attn_implementation(previous)

@@ -102,8 +102,8 @@ def test_padded_keys_are_never_attended():
     ids = tokens(600, seed=5)
     mask = torch.ones_like(ids)
     mask[:, :37] = 0
-    want = ref.padded_reference_logits(
-        model, ids, mask, ref.hyper_attention(**SMALL, keep=mask[0].bool())
+    want = ref.reference_logits(
+        model, ids, ref.hyper_attention(**SMALL, keep=mask[0].bool()), attention_mask=mask
     )
     with lr.extend(model, "hyper", **SMALL), torch.no_grad():
         got = model(ids, attention_mask=mask).logits

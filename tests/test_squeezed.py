@@ -108,7 +108,9 @@ def test_question_and_decoding_match_the_dense_reference(spec):
     assert float((got - vanilla).abs().max()) > 1e-3, "skipping keys should change the logits"
 
 
-def test_a_second_question_reuses_the_clusters(monkeypatch):
+@pytest.fixture
+def kmeans_calls(monkeypatch) -> list:
+    """Each k-means run of the method, recorded (its cluster count)."""
     calls = []
     real = sq.kmeans
 
@@ -117,6 +119,11 @@ def test_a_second_question_reuses_the_clusters(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sq, "kmeans", counting)
+    return calls
+
+
+def test_a_second_question_reuses_the_clusters(kmeans_calls):
+    calls = kmeans_calls
     model = sharp_model(scale=4.0)
     doc = tokens(DOC, seed=5)
     first, second = tokens(QUESTION, seed=6), tokens(12, seed=7)
@@ -173,15 +180,8 @@ def test_a_batch_of_questions_is_refused_in_one_line():
             lr.prefill(model, tokens(5, batch=2), cache=state.cache, past=DOC)
 
 
-def test_a_context_clusters_its_document_once_for_many_questions(monkeypatch):
-    calls = []
-    real = sq.kmeans
-
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sq, "kmeans", counting)
+def test_a_context_clusters_its_document_once_for_many_questions(kmeans_calls):
+    calls = kmeans_calls
     model = sharp_model(scale=4.0)
     method = build_method("squeezed", threshold=0.7, **SPEC)
     ctx = lr.Context.encode(model, None, tokens(DOC, seed=5)[0], method)
