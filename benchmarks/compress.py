@@ -143,8 +143,12 @@ def kvpress_cell(cell: dict, prompt: dict) -> dict:
         token = ids[:, -1:]
         new = []
         t1 = time.perf_counter()
-        for _ in range(cell["decode"]):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        for i in range(cell["decode"]):
+            # true positions, as kvpress's own pipeline passes them: after a press the
+            # cache holds fewer tokens than were read, so the default (the cache's
+            # length) would put every decoded token thousands of positions too early
+            where = torch.tensor([[n - 1 + i]])
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, position_ids=where)
             token = out.logits[:, -1:].argmax(-1)
             new.append(int(token))
         decode_s = time.perf_counter() - t1

@@ -9,16 +9,19 @@ NAME?") is then asked on the cache cropped back to the document and answered gre
   k-means time reported apart), each question reading only the clusters it scores.
 
 ``re-prefill`` is the cost without a shared cache: every question pays the document's
-prefill again (the full side's prefill time x questions + its question times). Printed per
+prefill again (the full side's measured prefill time x questions + its question times: the
+same work repeated, so it is counted rather than run 20 times). Printed per
 side: accuracy, the share of context keys read (``reads.share``), the first question's
 clustering seconds, the seconds for all questions, and the total against re-prefilling.
 
     python benchmarks/squeezed.py --length 2k --questions 5 --thresholds 0.7,0.9
+    python benchmarks/squeezed.py --length 32k --questions 20 --thresholds 0.7,0.9 --kmeans faiss
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 
@@ -28,7 +31,11 @@ import longreach as lr
 from longreach import compat
 from longreach.methods import squeezed as sq
 
-NAMES = ["Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun"]
+NAMES = [
+    "Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun",
+    "Kofi", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sven", "Tariq",
+    "Ulla", "Vikram", "Wanda", "Xavier", "Yusuf", "Zora",
+]  # fmt: skip
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
@@ -110,7 +117,13 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.7,0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--kmeans", default="sklearn", help="squeezed's k-means library: sklearn or faiss"
+    )
+    parser.add_argument("--out", default=None, help="append each side's row to this JSONL file")
     args = parser.parse_args()
+    if not 1 <= args.questions <= len(NAMES):
+        parser.error(f"--questions must be between 1 and {len(NAMES)}")
     torch.set_num_threads(args.threads)
     model, tok = lr.load(args.model)
     ids, keys = document(tok, _length(args.length), NAMES[: args.questions], args.seed)
@@ -119,10 +132,17 @@ def main() -> None:
         full = side(model, tok, ids, keys, None)
         rows = [("full", full)]
         for t in args.thresholds.split(","):
-            rows.append(
-                (f"squeezed:threshold={t}", side(model, tok, ids, keys, f"squeezed:threshold={t}"))
-            )
+            spec = f"squeezed:threshold={t},kmeans={args.kmeans}"
+            rows.append((spec, side(model, tok, ids, keys, spec)))
     reprefill = full["prefill"] * len(keys) + full["questions"]
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            for label, r in rows:
+                f.write(json.dumps({
+                    "model": args.model, "tokens": ids.shape[1], "n_questions": len(keys),
+                    "side": label, "threads": args.threads, "reprefill_s": round(reprefill, 2),
+                    **{f"{k}_s" if k in ("prefill", "questions", "kmeans") else k: round(v, 4) for k, v in r.items()},
+                }) + "\n")  # fmt: skip
     print(f"re-prefill: {reprefill:.1f} s ({full['prefill']:.1f} s per document prefill)")
     print("side | accuracy | share read | k-means s | questions s | total s | x re-prefill")
     for label, r in rows:

@@ -82,7 +82,12 @@ def _layers_of(handle, cache):
 
 @pytest.mark.parametrize(
     "spec",
-    [dict(threshold=0.5), dict(threshold=0.8), dict(threshold=0.6, levels=2, coarse_clusters=0.04)],
+    [
+        dict(threshold=0.5),
+        dict(threshold=0.8),
+        dict(threshold=0.6, levels=2, coarse_clusters=0.04),
+        dict(threshold=0.5, kmeans="faiss"),
+    ],
 )
 def test_question_and_decoding_match_the_dense_reference(spec):
     model = sharp_model(scale=4.0)
@@ -161,6 +166,7 @@ def test_bad_parameters_and_a_missing_scikit_learn_are_one_line(monkeypatch):
         ("squeezed:levels=3", "levels must be 1 or 2"),
         ("squeezed:levels=2,coarse_clusters=0.5", "must not exceed clusters"),
         ("squeezed:iters=0", "iters >= 1"),
+        ("squeezed:kmeans=scipy", "kmeans is one of sklearn, faiss"),
     ):
         with pytest.raises(LongreachError, match=words) as info:
             build_method(spec)
@@ -169,6 +175,25 @@ def test_bad_parameters_and_a_missing_scikit_learn_are_one_line(monkeypatch):
     with pytest.raises(LongreachError, match=r"scikit-learn.*longreach\[squeezed\]") as info:
         lr.extend(tiny_model(), "squeezed")
     assert "\n" not in str(info.value)
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(LongreachError, match=r"kmeans=faiss needs faiss-cpu") as info:
+        lr.extend(tiny_model(), "squeezed:kmeans=faiss")
+    assert "\n" not in str(info.value)
+
+
+def test_both_kmeans_libraries_find_planted_clusters():
+    # four tight groups of unit vectors: either library labels each group as one cluster
+    centres = torch.nn.functional.normalize(
+        torch.randn(4, 16, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    noise = 0.01 * torch.randn(4, 50, 16, generator=torch.Generator().manual_seed(1))
+    points = (centres[:, None] + noise).reshape(200, 16)
+    truth = torch.arange(4).repeat_interleave(50)
+    for backend in sq.KMEANS_BACKENDS:
+        labels = sq.kmeans(points, 4, 50, 0, backend)
+        assert labels.shape == (200,) and labels.dtype == torch.long
+        pairs = {(int(t), int(g)) for t, g in zip(truth, labels, strict=True)}
+        assert len(pairs) == 4 and len({g for _, g in pairs}) == 4, f"{backend}: {sorted(pairs)}"
 
 
 def test_a_batch_of_questions_is_refused_in_one_line():

@@ -327,3 +327,66 @@ def breakdown_figure(rows, task, key, series, colors, show_format):
     ax.set_title(f"{task}: accuracy by {key}")
     legend_outside(ax)
     return fig
+
+
+def sweep_figure(task, task_sweeps, cells, show_format):
+    """Score against prefill seconds, a panel per length: each sweep is a line through its
+    parameter's values (each point labelled), other methods at the same task and length
+    single crosses, so a sparse method's curve sits next to the dense point it approximates."""
+    lengths = sorted({s.length for s in task_sweeps})
+    swept = {p.method for s in task_sweeps for p in s.points}
+    metric = task_sweeps[0].metric
+    others: dict[tuple[str, int], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if (cell.task == task and cell.length in lengths and cell.score is not None
+                and cell.method not in swept):  # fmt: skip
+            others[(series_of(cell).label(show_format), cell.length)].append(cell)
+    cols = min(len(lengths), 3)
+    rows = math.ceil(len(lengths) / cols)
+    fig = figure(4.8 * cols + 2.4, 3.6 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    palette = {}
+    for s in task_sweeps:
+        palette.setdefault(s.label(show_format), f"C{len(palette) % 10}")
+    for i, length in enumerate(lengths):
+        ax = axes[i // cols][i % cols]
+        for s in (s for s in task_sweeps if s.length == length):
+            points = [p for p in s.points if p.seconds is not None]
+            if not points:
+                continue
+            color = palette[s.label(show_format)]
+            xs, ys = [p.seconds for p in points], [p.score for p in points]
+            ax.plot(xs, ys, marker="o", color=color, label=s.label(show_format))
+            for p in points:
+                ax.annotate(f"{s.param}={p.value}", (p.seconds, p.score), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points", color=color)  # fmt: skip
+        for (label, n), group in sorted(others.items()):
+            timed = [
+                c.prefill_s for c in group if c.prefill_s is not None and not c.shared_prefix_tokens
+            ]
+            if n != length or not timed:
+                continue
+            score = statistics.fmean(c.score for c in group)
+            ax.plot([median(timed)], [score], marker="x", linestyle="none", markersize=9,
+                    color="0.25", label=label)  # fmt: skip
+            ax.annotate(label, (median(timed), score), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points", color="0.25")  # fmt: skip
+        ax.set_xscale("log")
+        ax.margins(x=0.2)  # room for the point labels
+        plain_log_ticks(ax.xaxis)
+        ax.set_xlabel("prefill seconds (median per cell)")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
+            ax.set_ylabel("perplexity (mean, lower is better)")
+        else:
+            ax.set_ylim(-0.03, 1.05)
+            ax.set_ylabel("accuracy (mean)")
+        ax.set_title(f"{format_length(length)} tokens", fontsize=10)
+        legend_outside(ax)
+    for j in range(len(lengths), rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    fig.suptitle(
+        f"{task_name(task)}: speed against {'perplexity' if metric == 'perplexity' else 'accuracy'}"
+    )
+    return fig

@@ -9,6 +9,9 @@ For each model in the database:
 - prefill time and peak memory vs length per method (cells that reused no cached prefix);
 - perplexity next to retrieval accuracy for each method, on twin axes, because a method can
   keep perplexity flat while retrieval collapses;
+- speed against score for each method run over several values of one parameter (a sweep:
+  ``hip:k=8``, ``hip:k=16``, ...), a curve per task and length beside the other methods'
+  points;
 - a sortable, filterable table of every cell.
 
 This module shapes the data; ``figures.py`` draws the figures and
@@ -39,6 +42,7 @@ from longreach.bench.summary import (
     depth_grid,
     series_of,
     summarize,
+    sweeps,
     task_title,
 )
 from longreach.errors import LongreachError
@@ -166,9 +170,21 @@ def _model_context(
             f"{slug}-perplexity-vs-retrieval",
             "perplexity (right axis) and retrieval accuracy (left axis) per method",
         )
+    by_task: dict[str, list] = defaultdict(list)
+    for sweep in sweeps(cells):
+        by_task[sweep.task].append(sweep)
+    curves = [
+        writer.save(
+            figures.sweep_figure(task, task_sweeps, cells, show_format),
+            f"{slug}-speed-vs-score-{_slug(task)}",
+            f"{task}: score against prefill seconds as each swept parameter changes",
+        )
+        for task, task_sweeps in by_task.items()
+    ]
     return {
         "slug": slug,
         "name": model,
+        "sweeps": curves,
         "fingerprint": fp,
         "trained": trained if trained else "unknown",
         "effective": _effective(rows, acc_tasks, show_format, cells),

@@ -315,3 +315,106 @@ def breakdown(cells: Iterable[Cell]) -> list[BreakdownRow]:
     ]
     rows.sort(key=lambda r: (r.series.model, r.series.method, r.task, str(type(r.value)), r.value))
     return rows
+
+
+# --------------------------------------------------------------------------- parameter sweeps
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    value: Any  # the swept parameter's value
+    method: str  # the cells' method spec
+    score: float  # mean score of the cells
+    seconds: float | None  # median prefill seconds of the cells that reused no cached prefix
+    cells: int
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One method's cells over one parameter, the others held: a speed/accuracy curve."""
+
+    model: str
+    model_fingerprint: str
+    prompt_format: str
+    name: str  # the method's name
+    param: str
+    held: tuple[tuple[str, str], ...]  # the other parameters that differ between its specs
+    task: str
+    metric: str
+    length: int
+    points: tuple[SweepPoint, ...]  # in the parameter's order
+
+    def label(self, show_format: bool) -> str:
+        held = ",".join(f"{k}={v}" for k, v in self.held)
+        text = f"{self.name} over {self.param}" + (f" ({held})" if held else "")
+        return f"{text} ({self.prompt_format})" if show_format else text
+
+
+def _resolved(spec: str, memo: dict[str, tuple[str, dict[str, Any]] | None]):
+    """(name, every parameter's value, defaults filled in) of a method spec; None if unknown."""
+    if spec not in memo:
+        from longreach.methods.spec import build_method  # the methods load lazily
+
+        try:
+            method = build_method(spec)
+            memo[spec] = (method.name, method.params())
+        except (LongreachError, TypeError, ValueError):
+            memo[spec] = None
+    return memo[spec]
+
+
+def _order(value: Any) -> tuple[int, Any]:
+    return (0, value) if isinstance(value, (int, float)) and value is not None else (1, str(value))
+
+
+def sweeps(cells: Iterable[Cell]) -> list[Sweep]:
+    """Every set of a method's specs that differ in one parameter only, per task and length.
+
+    A spec's parameters are resolved with their defaults (``hip`` and ``hip:k=64`` are
+    the same method when 64 is the default), so a bench run over ``--method hip:k=8
+    --method hip:k=16 --method hip:k=32`` makes one sweep over ``k`` per task and length.
+    With two parameters varied, each value of one holds a sweep over the other.
+    """
+    memo: dict[str, tuple[str, dict[str, Any]] | None] = {}
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if cell.score is not None:
+            key = (cell.model, cell.model_fingerprint, cell.prompt_format, cell.task,
+                   cell.metric, cell.length, cell.method)  # fmt: skip
+            groups[key].append(cell)
+    by_method: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for key in groups:
+        resolved = _resolved(key[-1], memo)
+        if resolved is not None:
+            name, params = resolved
+            by_method[(*key[:-1], name)][key[-1]] = params
+    out = []
+    for key, specs in by_method.items():
+        if len(specs) < 2:
+            continue
+        names = sorted({p for params in specs.values() for p in params})
+        varied = [p for p in names if len({repr(v.get(p)) for v in specs.values()}) > 1]
+        for param in varied:
+            lines: dict[tuple, list[str]] = defaultdict(list)
+            for spec, params in specs.items():
+                held = tuple((p, repr(params.get(p))) for p in varied if p != param)
+                lines[held].append(spec)
+            for held, members in lines.items():
+                if len({repr(specs[s].get(param)) for s in members}) < 2:
+                    continue
+                points = []
+                for spec in sorted(members, key=lambda s: _order(specs[s].get(param))):
+                    group = groups[(*key[:-1], spec)]
+                    timed = [c.prefill_s for c in group
+                             if c.prefill_s is not None and not c.shared_prefix_tokens]  # fmt: skip
+                    points.append(SweepPoint(
+                        specs[spec].get(param), spec,
+                        statistics.fmean(c.score for c in group),
+                        median(timed) if timed else None, len(group),
+                    ))  # fmt: skip
+                model, fp, fmt, task, metric, length, name = key
+                shown = tuple((p, v.strip("'")) for p, v in held)
+                out.append(
+                    Sweep(model, fp, fmt, name, param, shown, task, metric, length, tuple(points))
+                )
+    return out

@@ -37,28 +37,55 @@ _CAUSAL = CausalLayout()
 _TILE = 1024  # query rows per tile of a question's plan
 
 
-def _sklearn_kmeans() -> Any:
-    """scikit-learn's KMeans class, or a one-line error saying how to install it."""
+KMEANS_BACKENDS = {"sklearn": ("sklearn.cluster", "scikit-learn"), "faiss": ("faiss", "faiss-cpu")}
+
+
+def kmeans_library(backend: str = "sklearn") -> Any:
+    """The k-means library module of ``backend``, or a one-line error saying how to install it."""
+    if backend not in KMEANS_BACKENDS:
+        raise LongreachError(
+            f"squeezed: unknown kmeans backend {backend!r}; use one of {', '.join(KMEANS_BACKENDS)}."
+        )
+    module, package = KMEANS_BACKENDS[backend]
     try:
-        from sklearn.cluster import KMeans
+        return __import__(module, fromlist=["_"])
     except ImportError:
         raise LongreachError(
-            "squeezed: the k-means clustering needs scikit-learn, which is not installed; "
+            f"squeezed: kmeans={backend} needs {package}, which is not installed; "
             "run pip install 'longreach[squeezed]'."
         ) from None
-    return KMeans
 
 
-def kmeans(points: torch.Tensor, n_clusters: int, iters: int, seed: int) -> torch.Tensor:
-    """Cluster labels (n,) of ``points`` (n, D) by k-means (k-means++ start, scikit-learn)."""
-    km = _sklearn_kmeans()(
+def kmeans(
+    points: torch.Tensor, n_clusters: int, iters: int, seed: int, backend: str = "sklearn"
+) -> torch.Tensor:
+    """Cluster labels (n,) of ``points`` (n, D) by k-means.
+
+    ``sklearn``: scikit-learn's Lloyd k-means from a k-means++ start (the reference code's).
+    ``faiss``: faiss-cpu's k-means, a random start of ``seed`` and at most ``iters`` BLAS
+    iterations (it stops early when the assignment settles): about 10x faster here, 2.8 s
+    for 32k random unit vectors into 1638 clusters where scikit-learn took 29-38 s per KV
+    head of SmolLM2's 32k keys, one thread.
+    """
+    library = kmeans_library(backend)
+    data = points.float().contiguous().numpy()
+    if backend == "faiss":
+        km = library.Kmeans(
+            data.shape[1], n_clusters, niter=iters, seed=seed, verbose=False,
+            max_points_per_centroid=data.shape[0],  # all points train: no subsampling
+            min_points_per_centroid=1,
+        )  # fmt: skip
+        km.train(data)
+        _, labels = km.index.search(data, 1)
+        return torch.as_tensor(labels[:, 0], dtype=torch.long)
+    km = library.KMeans(
         n_clusters=n_clusters, init="k-means++", n_init=1, max_iter=iters, random_state=seed
     )
-    return torch.as_tensor(km.fit_predict(points.float().numpy()), dtype=torch.long)
+    return torch.as_tensor(km.fit_predict(data), dtype=torch.long)
 
 
 def cluster_keys(
-    keys: torch.Tensor, n_clusters: int, iters: int, seed: int
+    keys: torch.Tensor, n_clusters: int, iters: int, seed: int, backend: str = "sklearn"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head: (centroids (H, C, D), labels (H, n)) of ``keys`` (H, n, D).
 
@@ -71,7 +98,8 @@ def cluster_keys(
     centroids = torch.zeros(heads, n_clusters, dim)
     labels = torch.empty(heads, n, dtype=torch.long)
     for h in range(heads):
-        labels[h] = kmeans(torch.nn.functional.normalize(keys[h], dim=-1), n_clusters, iters, seed)
+        unit = torch.nn.functional.normalize(keys[h], dim=-1)
+        labels[h] = kmeans(unit, n_clusters, iters, seed, backend)
         counts = torch.bincount(labels[h], minlength=n_clusters).clamp(min=1)
         centroids[h] = (
             torch.zeros(n_clusters, dim).index_add_(0, labels[h], keys[h]) / counts[:, None]
@@ -233,6 +261,7 @@ class SqueezedLayout(Layout):
     window: int = 100
     iters: int = 300
     seed: int = 0
+    kmeans: str = "sklearn"
 
     def prepare(self, call: AttentionCall) -> Iterator[Work]:
         state = call.memory if isinstance(call.memory, FixedContext) else None
@@ -323,11 +352,15 @@ class SqueezedLayout(Layout):
     ) -> LayerClusters:
         """Cluster one layer's context keys (Hkv, n, D) and calibrate its thresholds."""
         n = keys.shape[1]
-        centroids, labels = cluster_keys(keys, int(self.clusters * n), self.iters, self.seed)
+        centroids, labels = cluster_keys(
+            keys, int(self.clusters * n), self.iters, self.seed, self.kmeans
+        )
         out = LayerClusters(ctx, labels, centroids, float("-inf"))
         if self.levels == 2:
             n_coarse = max(1, min(int(self.coarse_clusters * n), centroids.shape[1]))
-            coarse_c, coarse_of_fine = cluster_keys(centroids, n_coarse, self.iters, self.seed)
+            coarse_c, coarse_of_fine = cluster_keys(
+                centroids, n_coarse, self.iters, self.seed, self.kmeans
+            )
             out.coarse_centroids = coarse_c
             out.coarse_labels = coarse_of_fine.gather(1, labels)
         if self.threshold == 0:
@@ -403,6 +436,10 @@ class Squeezed(Method):
         window: last context tokens always read, whose queries calibrate (100).
         iters: k-means iterations at most (300).
         seed: k-means seed (0).
+        kmeans: the k-means library: ``sklearn`` (default: the reference code's k-means++
+            start and Lloyd iterations) or ``faiss`` (faiss-cpu: a random start, BLAS
+            iterations that stop once the assignment settles; about 10x faster on this
+            project's CPU, so a 32k document clusters in minutes instead of most of an hour).
     """
 
     name: ClassVar[str] = "squeezed"
@@ -428,6 +465,7 @@ class Squeezed(Method):
     window: int = param(100, "last context tokens always read; their queries calibrate")
     iters: int = param(300, "k-means iterations at most")
     seed: int = param(0, "k-means seed")
+    kmeans: str = param("sklearn", "k-means library: sklearn (the reference's) or faiss (faster)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -450,16 +488,18 @@ class Squeezed(Method):
             )
         if self.window < 0 or self.iters < 1 or self.seed < 0:
             self.fail("window and seed must be >= 0 and iters >= 1.")
+        if self.kmeans not in KMEANS_BACKENDS:
+            self.fail(f"kmeans is one of {', '.join(KMEANS_BACKENDS)} (got {self.kmeans!r}).")
 
     def check_model(self, model: torch.nn.Module) -> None:
-        _sklearn_kmeans()
+        kmeans_library(self.kmeans)
         if not hf.attention_modules(model):
             self.fail(f"{type(model).__name__} has no attention modules that longreach recognises.")
 
     def layout(self) -> SqueezedLayout:
         return SqueezedLayout(
             self.threshold, self.clusters, self.levels, self.coarse_clusters,
-            self.coarse_threshold, self.window, self.iters, self.seed,
+            self.coarse_threshold, self.window, self.iters, self.seed, self.kmeans,
         )  # fmt: skip
 
     def context_of(self, cache: Any) -> FixedContext | None:
@@ -537,4 +577,12 @@ def _input_length(args: tuple, kwargs: dict) -> int:
     return int(ids.shape[1]) if isinstance(ids, torch.Tensor) else 0
 
 
-__all__ = ["KeysRead", "Squeezed", "SqueezedLayout", "calibrate", "cluster_keys", "kmeans"]
+__all__ = [
+    "KeysRead",
+    "Squeezed",
+    "SqueezedLayout",
+    "calibrate",
+    "cluster_keys",
+    "kmeans",
+    "kmeans_library",
+]
