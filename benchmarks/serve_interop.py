@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,6 +74,22 @@ def measure(name: str, url: str, served: str, tokenizer: str | None, args, db: P
     print(f"{name}: grid done in {time.perf_counter() - started:.0f} s", flush=True)
     with ResultStore(db, create=False) as store:
         return store.cells(include_prompt=False)
+
+
+def llama_prompt_evals(log: Path) -> list[dict]:
+    """Each prompt llama.cpp evaluated, in order, from its server log: the tokens its prompt
+    cache reused (``prefix-match hit``), the tokens it evaluated and their seconds."""
+    evals, reused = [], 0
+    for line in log.read_text(errors="replace").splitlines():
+        hit = re.search(r"(\d+) prefix-match hit, remaining (\d+) prompt tokens", line)
+        if hit:
+            reused = int(hit.group(1))
+        done = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", line)
+        if done:
+            seconds, tokens = float(done.group(1)) / 1000, int(done.group(2))
+            evals.append({"reused": reused, "evaluated": tokens, "seconds": seconds})
+            reused = 0
+    return evals
 
 
 def main() -> None:
@@ -137,6 +154,16 @@ def main() -> None:
         a, b = speed.get(("llama.cpp", length)), speed.get(("longreach", length))
         if a and b:
             print(f"{length}: llama.cpp prefill is {a / b:.2f}x longreach's")
+    # llama.cpp's server keeps the last prompt's KV and reuses its longest common prefix, so a
+    # cell after a shorter one evaluates only the rest: its time to first token is flattered
+    log = out / "llama.cpp.log"
+    if log.exists():
+        for e in llama_prompt_evals(log):
+            rate = e["evaluated"] / e["seconds"] if e["seconds"] else float("nan")
+            print(
+                f"llama.cpp prompt: {e['reused']} tokens reused from its prompt cache, "
+                f"{e['evaluated']} evaluated in {e['seconds']:.1f} s ({rate:.1f} tok/s)"
+            )
 
 
 if __name__ == "__main__":
