@@ -193,24 +193,49 @@ def _median(rows: list[dict], field: str):
     return sorted(r[field] for r in rows)[len(rows) // 2]
 
 
-def print_tables(records: list[dict]) -> None:
+def print_tables(records: list[dict], markdown: bool = False) -> None:
     groups = defaultdict(list)
     for r in records:
         groups[(r["n"], r["haystack"], r["budget"], r["side"], r["method"])].append(r)
     rows = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))
-    head = (
-        f"{'n':>6s} {'haystack':10s} {'budget':>6s} {'side':8s} {'method':10s} {'acc':>5s} "
-        f"{'prefill s':>9s} {'peak MiB':>9s} {'decode t/s':>10s} {'cache':>6s}"
-    )
-    print(head)
-    print("-" * len(head))
+    cols = ["n", "haystack", "budget", "side", "method", "passkey", "prefill s", "peak MiB",
+            "rise MiB", "decode t/s", "cache"]  # fmt: skip
+    if markdown:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+    else:
+        print("".join(f"{c:>11s}" for c in cols))
     for (n, hay, budget, side, method), rs in rows:
-        acc = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
+        rise = [r["peak_rss_mib"] - r["base_rss_mib"] for r in rs]
+        values = [
+            f"{n // 1024}k", hay, str(budget or "-"), side, method,
+            f"{sum(r['correct'] for r in rs)}/{len(rs)}", f"{_median(rs, 'prefill_s'):.1f}",
+            f"{max(r['peak_rss_mib'] for r in rs):.0f}", f"{min(rise):.0f}-{max(rise):.0f}",
+            f"{_median(rs, 'decode_tok_s'):.2f}", str(_median(rs, "cache_tokens")),
+        ]  # fmt: skip
         print(
-            f"{n:6d} {hay:10s} {budget or '-':>6} {side:8s} {method:10s} {acc:>5s} "
-            f"{_median(rs, 'prefill_s'):9.1f} {max(r['peak_rss_mib'] for r in rs):9.0f} "
-            f"{_median(rs, 'decode_tok_s'):10.1f} {_median(rs, 'cache_tokens'):6d}"
+            ("| " + " | ".join(values) + " |") if markdown else "".join(f"{v:>11s}" for v in values)
         )
+    # the targets, as ratios of cells measured with the same prompts
+    peak = {k: max(r["peak_rss_mib"] for r in rs) for k, rs in groups.items()}
+    rise = {k: max(r["peak_rss_mib"] - r["base_rss_mib"] for r in rs) for k, rs in groups.items()}
+    decode = {k: _median(rs, "decode_tok_s") for k, rs in groups.items()}
+    print()
+    for n, hay, budget, side, method in sorted(groups, key=lambda k: (k[0], k[1], k[2] or 0)):
+        if side != "ours":
+            continue
+        vanilla = (n, hay, None, "vanilla", "vanilla")
+        if n >= 32768 and budget == 2048 and vanilla in groups:
+            key = (n, hay, budget, side, method)
+            print(f"{n // 1024}k {hay} {method} budget {budget}: peak RSS "
+                  f"{peak[key] / peak[vanilla]:.2f}x vanilla's (target <= 0.5), decode "
+                  f"{decode[key] / decode[vanilla]:.2f}x vanilla's tokens/s (target >= 2)")  # fmt: skip
+        theirs = (n, hay, budget, "kvpress", method)
+        if n == 16384 and theirs in groups:
+            key = (n, hay, budget, side, method)
+            print(f"16k {hay} {method} budget {budget}: peak RSS {peak[key] / peak[theirs]:.2f}x "
+                  f"kvpress's (target <= 0.6; what the prefill adds: "
+                  f"{rise[key] / rise[theirs]:.2f}x)")  # fmt: skip
 
 
 def main() -> None:
@@ -228,6 +253,7 @@ def main() -> None:
     parser.add_argument("--kvpress-venv", default="runs/kvpress-venv")
     parser.add_argument("--out", default="runs/compress.jsonl")
     parser.add_argument("--table", default=None)
+    parser.add_argument("--markdown", action="store_true", help="--table as a Markdown table")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -237,7 +263,8 @@ def main() -> None:
         print(json.dumps(run(cell, cell["prompt"])), flush=True)
         return
     if args.table:
-        print_tables([json.loads(x) for x in Path(args.table).read_text().splitlines() if x])
+        records = [json.loads(x) for x in Path(args.table).read_text().splitlines() if x]
+        print_tables(records, args.markdown)
         return
 
     from transformers import AutoTokenizer

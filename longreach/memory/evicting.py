@@ -14,13 +14,15 @@ earlier tokens of its own call.
 
 With a ``rotary`` module the cache keeps positions *inside the cache* (StreamingLLM's
 rule, which SirLLM keeps): every update returns the keys rotated by their slot, so no
-position exceeds the cache's size; the caller feeds the queries at slot positions. The
-layer then holds the keys twice: un-rotated (``keys``, what an eviction re-rotates from,
-so rotations never compound) and rotated by slot (``rotated``, what attention reads).
-New tokens arrive rotated at their slots by the model and are appended as they are; an
-eviction re-rotates only the slots from the first one that moved (a decoded token that
-evicts one middle token re-rotates the tail after it, not the whole cache). Without a
-``rotary`` module keys stay as the model rotated them (true positions).
+position exceeds the cache's size; the caller feeds the queries at slot positions. Keys
+are stored un-rotated (``keys``: what every rotation starts from, so rotations never
+compound); a call's own keys are returned as the model rotated them. A multi-token call
+(a prefill chunk) rotates the older keys for that call only, since its eviction moves most
+slots. While decoding the layer also keeps the keys rotated by slot (``rotated``, built at
+the first decoded token, dropped at the next longer call): a decoded token appends its key
+as given, and its eviction re-rotates only the slots from the first one that moved (the
+tail after the evicted token), not the whole cache. Without a ``rotary`` module keys stay
+as the model rotated them (true positions).
 
 Kept slots are copied with ``index_select`` on rows of ``D`` channels (per KV head through
 a flat view), not ``gather`` with an index expanded over the channels: at a 2048-token
@@ -71,10 +73,20 @@ class EvictingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n, heads = key_states.shape[-2], key_states.shape[1]
         rotary = self.owner.rotary
-        if rotary is not None:  # fed at slots R .. R + n: keep them as given, and un-rotated
-            slots = torch.arange(self.resident, self.resident + n, device=key_states.device)
-            old = self.rotated
-            self.rotated = key_states if old is None else torch.cat([old, key_states], dim=-2)
+        by_slot = None
+        if rotary is not None:  # fed at slots R .. R + n: store them un-rotated
+            past = self.resident
+            slots = torch.arange(past, past + n, device=key_states.device)
+            older = torch.arange(past, device=key_states.device)
+            if n == 1 and self.rotated is None and past:  # decoding starts: rotate once
+                self.rotated = rotate(self.keys, older, rotary.inv_freq)
+            if n == 1 and self.rotated is not None:  # decoding: keep the rotated keys
+                self.rotated = torch.cat([self.rotated, key_states], dim=-2)
+            else:  # a longer call: rotated for this call only, as many slots change after it
+                self.rotated = None
+                by_slot = torch.cat(
+                    [rotate(self.keys, older, rotary.inv_freq), key_states], dim=-2
+                ) if past else key_states  # fmt: skip
             key_states = rotate(key_states, -slots, rotary.inv_freq)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
@@ -85,7 +97,7 @@ class EvictingLayer(DynamicLayer):
         self.scores = zeros if self.scores is None else torch.cat([self.scores, zeros], 1)
         self.seen += n
         if rotary is not None:
-            return self.rotated, self.values
+            return (self.rotated if by_slot is None else by_slot), self.values
         return self.keys, self.values
 
     def keep(self, index: torch.Tensor) -> None:
