@@ -214,3 +214,45 @@ def test_spans_refuses_a_layer_the_model_lacks():
     model = tiny_model("llama")
     with pytest.raises(LongreachError, match="does not exist"):
         lr.extend(model, "spans:layers=0+9")
+
+
+def test_slot_rotated_keys_follow_evictions_while_decoding():
+    # positions inside the cache: after any mix of appends and evictions the keys returned
+    # are the stored (un-rotated) keys rotated by their slot, however they were kept
+    from types import SimpleNamespace
+
+    from longreach.attention.rotary import rotate
+
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    cache = EvictingCache(layers=1, method="test", rotary=SimpleNamespace(inv_freq=inv_freq))
+    layer = cache.layer(0)
+    gen = torch.Generator().manual_seed(0)
+
+    def fed(n: int) -> torch.Tensor:  # keys as the model gives them: rotated at their slots
+        raw = torch.randn(1, 2, n, 8, generator=gen)
+        return rotate(raw, torch.arange(layer.resident, layer.resident + n), inv_freq)
+
+    def check(returned: torch.Tensor) -> None:
+        want = rotate(layer.keys, torch.arange(layer.resident), inv_freq)
+        assert torch.allclose(returned, want, atol=1e-5), float((returned - want).abs().max())
+
+    keys, _ = layer.update(fed(12), torch.randn(1, 2, 12, 8))  # a prefill chunk
+    check(keys)
+    layer.keep(torch.tensor([0, 1, 3, 4, 6, 7, 8, 9, 10, 11]))
+    for step in range(6):  # decoding: append one, evict one (shared, then per head)
+        keys, _ = layer.update(fed(1), torch.randn(1, 2, 1, 8))
+        check(keys)
+        resident = layer.resident
+        if step % 2:
+            drop = [2 + step, 4]
+            index = torch.stack(
+                [torch.tensor([i for i in range(resident) if i != d]) for d in drop]
+            )
+        else:
+            index = torch.tensor([i for i in range(resident) if i != 3 + step])
+        layer.keep(index)
+        assert layer.rotated is not None and layer.rotated.shape == layer.keys.shape
+        check(layer.rotated)
+    keys, _ = layer.update(fed(5), torch.randn(1, 2, 5, 8))  # a longer call again
+    check(keys)
+    assert layer.rotated is None, "a multi-token call keeps no rotated copy"
