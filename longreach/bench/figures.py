@@ -16,6 +16,7 @@ from longreach.bench.summary import (
     axis_position,
     median,
     per_token,
+    prefill_median,
     series_of,
     task_name,
 )
@@ -361,15 +362,13 @@ def sweep_figure(task, task_sweeps, cells, show_format):
                 ax.annotate(f"{s.param}={p.value}", (p.seconds, p.score), fontsize=7,
                             xytext=(3, 3), textcoords="offset points", color=color)  # fmt: skip
         for (label, n), group in sorted(others.items()):
-            timed = [
-                c.prefill_s for c in group if c.prefill_s is not None and not c.shared_prefix_tokens
-            ]
-            if n != length or not timed:
+            seconds = prefill_median(group) if n == length else None
+            if seconds is None:
                 continue
             score = statistics.fmean(c.score for c in group)
-            ax.plot([median(timed)], [score], marker="x", linestyle="none", markersize=9,
+            ax.plot([seconds], [score], marker="x", linestyle="none", markersize=9,
                     color="0.25", label=label)  # fmt: skip
-            ax.annotate(label, (median(timed), score), fontsize=7, xytext=(3, -9),
+            ax.annotate(label, (seconds, score), fontsize=7, xytext=(3, -9),
                         textcoords="offset points", color="0.25")  # fmt: skip
         ax.set_xscale("log")
         ax.margins(x=0.2)  # room for the point labels

@@ -364,7 +364,12 @@ def _resolved(spec: str, memo: dict[str, tuple[str, dict[str, Any]] | None]):
 
 
 def _order(value: Any) -> tuple[int, Any]:
-    return (0, value) if isinstance(value, (int, float)) and value is not None else (1, str(value))
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
+def prefill_median(cells: Iterable[Cell]) -> float | None:
+    """Median prefill seconds of the cells that reused no cached prefix (None if none)."""
+    return median(c.prefill_s for c in cells if not c.shared_prefix_tokens)
 
 
 def sweeps(cells: Iterable[Cell]) -> list[Sweep]:
@@ -399,21 +404,19 @@ def sweeps(cells: Iterable[Cell]) -> list[Sweep]:
             for spec, params in specs.items():
                 held = tuple((p, repr(params.get(p))) for p in varied if p != param)
                 lines[held].append(spec)
-            for held, members in lines.items():
+            for members in lines.values():
                 if len({repr(specs[s].get(param)) for s in members}) < 2:
                     continue
                 points = []
                 for spec in sorted(members, key=lambda s: _order(specs[s].get(param))):
                     group = groups[(*key[:-1], spec)]
-                    timed = [c.prefill_s for c in group
-                             if c.prefill_s is not None and not c.shared_prefix_tokens]  # fmt: skip
                     points.append(SweepPoint(
-                        specs[spec].get(param), spec,
-                        statistics.fmean(c.score for c in group),
-                        median(timed) if timed else None, len(group),
+                        specs[spec].get(param), spec, statistics.fmean(c.score for c in group),
+                        prefill_median(group), len(group),
                     ))  # fmt: skip
                 model, fp, fmt, task, metric, length, name = key
-                shown = tuple((p, v.strip("'")) for p, v in held)
+                held = specs[members[0]]
+                shown = tuple((p, str(held.get(p))) for p in varied if p != param)
                 out.append(
                     Sweep(model, fp, fmt, name, param, shown, task, metric, length, tuple(points))
                 )

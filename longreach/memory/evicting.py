@@ -72,25 +72,25 @@ class EvictingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, heads = key_states.shape[-2], key_states.shape[1]
+        device = key_states.device
         rotary = self.owner.rotary
         by_slot = None
         if rotary is not None:  # fed at slots R .. R + n: store them un-rotated
             past = self.resident
-            slots = torch.arange(past, past + n, device=key_states.device)
-            older = torch.arange(past, device=key_states.device)
-            if n == 1 and self.rotated is None and past:  # decoding starts: rotate once
-                self.rotated = rotate(self.keys, older, rotary.inv_freq)
-            if n == 1 and self.rotated is not None:  # decoding: keep the rotated keys
+            if n == 1 and self.rotated is not None:  # decoding: extend the kept rotated keys
                 self.rotated = torch.cat([self.rotated, key_states], dim=-2)
-            else:  # a longer call: rotated for this call only, as many slots change after it
-                self.rotated = None
-                by_slot = torch.cat(
+            else:  # the older keys rotated by slot, then the call's keys as the model gave them
+                older = torch.arange(past, device=device)
+                by_slot = key_states if not past else torch.cat(
                     [rotate(self.keys, older, rotary.inv_freq), key_states], dim=-2
-                ) if past else key_states  # fmt: skip
+                )  # fmt: skip
+                # decoding starts: keep them; a longer call: for this call only, since its
+                # eviction moves most slots (no extra copy resident at the prefill peak)
+                self.rotated, by_slot = (by_slot, None) if n == 1 else (None, by_slot)
+            slots = torch.arange(past, past + n, device=device)
             key_states = rotate(key_states, -slots, rotary.inv_freq)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        device = key_states.device
         new = torch.arange(self.seen, self.seen + n, device=device).expand(heads, n)
         zeros = torch.zeros(heads, n, device=device)
         self.positions = new if self.positions is None else torch.cat([self.positions, new], 1)
@@ -119,8 +119,8 @@ class EvictingLayer(DynamicLayer):
         if self.rotated is not None:
             # slots below the first that moved keep their rotation; the rest are re-rotated
             kept = index.shape[-1]
-            moved = (index != torch.arange(kept, device=index.device)).any(0)
-            first = int(moved.long().argmax()) if bool(moved.any()) else kept
+            moved = (index != torch.arange(kept, device=index.device)).any(0).nonzero()
+            first = int(moved[0]) if len(moved) else kept
             tail = torch.arange(first, kept, device=index.device)
             self.rotated = torch.cat(
                 [

@@ -41,11 +41,8 @@ KMEANS_BACKENDS = {"sklearn": ("sklearn.cluster", "scikit-learn"), "faiss": ("fa
 
 
 def kmeans_library(backend: str = "sklearn") -> Any:
-    """The k-means library module of ``backend``, or a one-line error saying how to install it."""
-    if backend not in KMEANS_BACKENDS:
-        raise LongreachError(
-            f"squeezed: unknown kmeans backend {backend!r}; use one of {', '.join(KMEANS_BACKENDS)}."
-        )
+    """The k-means library module of ``backend`` (a key of ``KMEANS_BACKENDS``, checked by
+    ``Squeezed.validate``), or a one-line error saying how to install it."""
     module, package = KMEANS_BACKENDS[backend]
     try:
         return __import__(module, fromlist=["_"])
