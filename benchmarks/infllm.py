@@ -59,8 +59,35 @@ def kv_bytes(cache) -> int:
     return total
 
 
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM; Linux >= 4.0), so that the peak of the work
+    that follows is measured apart from the model load's. False where it cannot be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib() -> float | None:
+    """VmHWM of this process in MiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def run_cell(cell: dict) -> dict:
-    """Measure one cell in this process (the child)."""
+    """Measure one cell in this process (the child).
+
+    ``peak_rss_mib`` is the process's peak (``ru_maxrss``), which includes loading the
+    model; ``work_peak_rss_mib`` is the peak from just before the prefill (or read) on,
+    model included (VmHWM reset after loading and building the prompt; None if it could
+    not be reset).
+    """
     import torch
 
     import longreach as lr
@@ -79,20 +106,32 @@ def run_cell(cell: dict) -> dict:
     from longreach.methods import build_method
 
     built = build_method(method)
+    reset = _reset_peak()
     if built.reader:  # it reads the parts itself, each forward within the trained length
         built.check_model(model)
         t0 = time.perf_counter()
+        shown = [0.0]
+
+        def progress(done: int, total: int) -> None:  # one stderr line per ~10% of the steps
+            if done == total or done / total - shown[0] >= 0.1:
+                shown[0] = done / total
+                print(f"    {cell['method']} step {done}/{total} {time.perf_counter() - t0:7.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
         reading = built.answer(model, tok, PromptFormat(tok), sample.parts, sample.max_new_tokens,
-                               lambda text: task.is_complete(sample, text))  # fmt: skip
+                               lambda text: task.is_complete(sample, text), progress)  # fmt: skip
         seconds = time.perf_counter() - t0
         return {
             **cell, "tokens": ids.shape[1], "chars": len(sample.prompt),
             "prefill_s": round(seconds, 2), "s_per_token": seconds / ids.shape[1],
             "decode_tok_s": None,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "work_peak_rss_mib": _peak_mib() if reset else None,
             "kv_mib": 0.0, "disk_blocks": 0, "dtype": str(dtype), "expected": sample.expected[0],
             "output": reading.text.strip()[:40],
             "correct": int(task.score(sample, reading.text) >= 1.0),
+            # was every expected value in the prompt the answer came from?
+            "shown": int(all(e in tok.decode(reading.prompt_ids) for e in sample.expected)),
             "reader": {k: v for k, v in reading.meta.items() if not isinstance(v, list)},
         }  # fmt: skip
     with torch.no_grad(), lr.extend(model, method) as handle:
@@ -117,6 +156,7 @@ def run_cell(cell: dict) -> dict:
         "s_per_token": seconds / ids.shape[1],
         "decode_tok_s": round(steps / decode, 2) if new.shape[1] > 1 else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "work_peak_rss_mib": _peak_mib() if reset else None,
         "kv_mib": round(stored / 2**20, 1),
         "disk_blocks": disk,
         "dtype": str(dtype),
@@ -133,14 +173,21 @@ def cell_key(c: dict) -> tuple:
 def print_tables(records: list[dict]) -> None:
     from collections import defaultdict
 
-    acc: dict[tuple, list[int]] = defaultdict(list)
+    acc: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        acc[(r["method"], r["task"], r["haystack"], r["n"])].append(r["correct"])
-    print("accuracy (correct / cells)")
-    print(f"{'method':28s} {'task':8s} {'haystack':10s} {'n':>8s} {'acc':>6s}")
+        acc[(r["method"], r["task"], r["haystack"], r["n"])].append(r)
+    print(
+        "accuracy (correct / cells; a reader's 'shown': cells whose answer prompt held the values)"
+    )
+    print(f"{'method':28s} {'task':12s} {'haystack':10s} {'n':>8s} {'acc':>6s} {'shown':>6s}")
     for key in sorted(acc, key=lambda k: (k[0], k[1], k[2], k[3])):
         v = acc[key]
-        print(f"{key[0]:28s} {key[1]:8s} {key[2]:10s} {key[3]:8d} {sum(v)}/{len(v)}")
+        right = sum(r["correct"] for r in v)
+        seen = [r["shown"] for r in v if r.get("shown") is not None]
+        shown = f"{sum(seen)}/{len(seen)}" if seen else "-"
+        print(
+            f"{key[0]:28s} {key[1]:12s} {key[2]:10s} {key[3]:8d} {right}/{len(v):<4d} {shown:>6s}"
+        )
     print()
     cost: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
@@ -153,7 +200,7 @@ def print_tables(records: list[dict]) -> None:
     print("cost (medians over cells)")
     header = (
         f"{'method':28s} {'n':>8s} {'prefill s':>10s} {'x vanilla':>10s} {'us/token':>9s} "
-        f"{'decode t/s':>10s} {'peak MiB':>9s} {'KV MiB':>8s} {'peak-KV':>8s}"
+        f"{'decode t/s':>10s} {'peak MiB':>9s} {'KV MiB':>8s} {'peak-KV':>8s} {'work peak':>9s}"
     )
     print(header)
     for (m, n), rs in sorted(cost.items()):
@@ -161,11 +208,13 @@ def print_tables(records: list[dict]) -> None:
         dec = [x["decode_tok_s"] for x in rs if x.get("decode_tok_s")]
         peak = max(x["peak_rss_mib"] for x in rs)
         kv = max(x["kv_mib"] for x in rs)
+        work = [x["work_peak_rss_mib"] for x in rs if x.get("work_peak_rss_mib")]
+        work_s = f"{max(work):9.0f}" if work else f"{'-':>9s}"
         ratio = f"{van[n] / t:10.2f}" if n in van else f"{'-':>10s}"
         d = f"{statistics.median(dec):10.2f}" if dec else f"{'-':>10s}"
         print(
             f"{m:28s} {n:8d} {t:10.1f} {ratio} {1e6 * t / n:9.1f} {d} {peak:9.0f} {kv:8.0f} "
-            f"{peak - kv:8.0f}"
+            f"{peak - kv:8.0f} {work_s}"
         )
 
 
@@ -229,13 +278,13 @@ def main() -> None:
         t0 = time.time()
         proc = subprocess.run(
             [sys.executable, __file__, "--cell", json.dumps(cell)],
-            capture_output=True,
+            stdout=subprocess.PIPE,  # stderr (a reader's progress, a traceback) goes to ours
             text=True,
             env=env,
         )
         if proc.returncode != 0:
             print(
-                f"[{i}/{len(todo)}] FAILED {cell_key(cell)}: {proc.stderr.strip()[-500:]}",
+                f"[{i}/{len(todo)}] FAILED {cell_key(cell)} (exit {proc.returncode}; see above)",
                 flush=True,
             )
             continue
@@ -245,7 +294,8 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
         print(
             f"[{i}/{len(todo)}] {time.time() - t0:6.0f}s {cell_key(cell)} prefill {rec['prefill_s']}s "
-            f"decode {rec['decode_tok_s']} t/s peak {rec['peak_rss_mib']} MiB -> {rec['output']!r} "
+            f"decode {rec['decode_tok_s']} t/s peak {rec['peak_rss_mib']} MiB "
+            f"(work {rec.get('work_peak_rss_mib')}) -> {rec['output']!r} "
             f"({'ok' if rec['correct'] else 'miss'})",
             flush=True,
         )

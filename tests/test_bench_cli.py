@@ -105,3 +105,14 @@ def test_demo_plans(tmp_path):
     assert lab.lengths == [256, 512, 1024, 2048] and lab.db == str(tmp_path / "demo.db")
     smol = demo_config(tmp_path, "smollm2-135m", 8192)
     assert smol.lengths == [1024, 2048] and not smol.chat
+
+
+def test_demo_measures_the_memory_method_and_the_readers_far_past_the_trained_length(tmp_path):
+    from longreach.bench.demo import demo_configs
+
+    reach = {c.methods[0]: c for c in demo_configs(tmp_path, "lab", 256)[1:]}
+    assert reach["infllm"].lengths == [8192]
+    for reader in ("infiniretri", "xl3m"):  # 32x and 128x the lab model's 256 tokens
+        assert reach[reader].lengths == [8192, 32768] and reach[reader].tasks == ["passkey"]
+        assert reach[reader].samples == 1 and len(reach[reader].depths) == 3
+    assert {c.db for c in reach.values()} == {str(tmp_path / "demo.db")}

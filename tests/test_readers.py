@@ -115,6 +115,10 @@ def test_read_entry_point_and_one_line_errors(lab):
         method="xl3m", answer_prefix=" The pass key is", max_new_tokens=6,
     )  # fmt: skip
     assert isinstance(answer, str) and answer
+    steps = []
+    lr.read(model, tok, "The pass key is 12345. Remember it. " * 60, "\n\nWhat is the pass key?",
+            method="xl3m", max_new_tokens=2, progress=lambda d, t: steps.append((d, t)))  # fmt: skip
+    assert len(steps) > 2 and steps[-1][0] == steps[-1][1]  # one call per segment read
     with pytest.raises(LongreachError, match="not a reader"):
         lr.read(model, tok, "text", "question", method="yarn")
     with pytest.raises(LongreachError, match="must fit the trained length"):
@@ -150,9 +154,11 @@ def test_infiniretri_finds_the_passkey_in_smollm2_at_8k():
     model, tok = lr.load("smollm2-135m")
     task, fmt = get_task("passkey"), PromptFormat(tok)
     sample = task.generate(fmt, 8192, 0.5, 0, 0)
-    reading = build_method("infiniretri:chunk=2048,cache=1024").answer(
+    reading = build_method("infiniretri").answer(
         model, tok, fmt, sample.parts, sample.max_new_tokens,
         lambda text: task.is_complete(sample, text),
     )  # fmt: skip
     assert reading.meta["steps"] >= 3
+    # the kept sentences (with the last chunk: the prompt the answer came from) hold the key
+    assert sample.expected[0] in tok.decode(reading.prompt_ids)
     assert task.score(sample, reading.text) == 1.0, reading.text

@@ -19,6 +19,16 @@ DEMO_MODEL = "lab"
 
 
 @dataclass(frozen=True)
+class Reach:
+    """One method measured on passkey at further multiples of the trained length."""
+
+    method: str
+    multiples: tuple[float, ...]
+    depths: tuple[float, ...] | None = None  # None: the plan's
+    samples: int | None = None  # None: the plan's
+
+
+@dataclass(frozen=True)
 class DemoPlan:
     methods: tuple[str, ...]
     tasks: tuple[str, ...]
@@ -26,7 +36,7 @@ class DemoPlan:
     multiples: tuple[float, ...] = ()  # multiples of the model's trained length
     depths: tuple[float, ...] = (0.5,)
     samples: int = 2
-    reach: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (method, extra multiples), passkey
+    reach: tuple[Reach, ...] = ()  # methods at extra multiples, passkey only
 
     def lengths_for(self, trained: int | None) -> list[int]:
         if self.multiples and trained:
@@ -46,8 +56,13 @@ PLANS: dict[str, DemoPlan] = {
         tasks=("passkey", "perplexity:last=64"),
         multiples=(1, 2, 4, 8),
         # The memory method at 32x the trained length too (8192 tokens): passkey only, where
-        # the dense methods would cost minutes and answer nothing.
-        reach=(("infllm", (32,)),),
+        # the dense methods would cost minutes and answer nothing. The readers at 32x and
+        # 128x (32768 tokens), one sample per depth: 2-16 s a sample on one core.
+        reach=(
+            Reach("infllm", (32,)),
+            Reach("infiniretri", (32, 128), (0.1, 0.5, 0.9), 1),
+            Reach("xl3m", (32, 128), (0.1, 0.5, 0.9), 1),
+        ),
         depths=(0.1, 0.3, 0.5, 0.7, 0.9),
         samples=3,
     ),
@@ -71,15 +86,15 @@ def demo_configs(out: Path, model: str, trained: int | None) -> list[BenchConfig
     """The demo's grids: the main one, then one per ``reach`` entry, all in ``out/demo.db``."""
     plan = demo_plan(model)
     configs = [demo_config(out, model, trained)]
-    for method, multiples in plan.reach if trained else ():
+    for reach in plan.reach if trained else ():
         configs.append(
             BenchConfig(
                 model=model,
-                methods=[method],
+                methods=[reach.method],
                 tasks=[plan.tasks[0]],
-                lengths=sorted({int(m * trained) for m in multiples}),
-                depths=list(plan.depths),
-                samples=plan.samples,
+                lengths=sorted({int(m * trained) for m in reach.multiples}),
+                depths=list(reach.depths or plan.depths),
+                samples=reach.samples or plan.samples,
                 seed=0,
                 chat=False,
                 db=str(Path(out) / "demo.db"),

@@ -21,7 +21,6 @@ from longreach.attention.layout import (
     Work,
     _tidy,
     plan,
-    region_pieces,
 )
 from longreach.methods.base import ATTENTION, Method, Patch, param
 from longreach.methods.registry import register
@@ -55,6 +54,21 @@ def search(scores_of, n_blocks: int, k: int, heads: int, device) -> torch.Tensor
         )
         empty = lo >= hi
         lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
+
+
+def _rows(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, H, S, D) at slots ``tokens`` (H, m) of each head: (B, H, m, D).
+
+    Whole rows are copied (``index_select`` on the (B * H * S, D) view) when ``x`` is
+    contiguous, which is much faster on CPU than an element-wise ``gather``.
+    """
+    bsz, heads, length, dim = x.shape
+    if not x.is_contiguous():
+        index = tokens[None, :, :, None].expand(bsz, -1, -1, dim)
+        return torch.gather(x, 2, index)
+    base = torch.arange(bsz * heads, device=x.device).view(bsz, heads, 1) * length
+    rows = (base + tokens[None]).flatten()
+    return x.view(-1, dim).index_select(0, rows).view(bsz, heads, tokens.shape[-1], dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,23 +105,26 @@ class HiPLayout(Layout):
         s, e = call.q_offset + r0, call.q_offset + r1  # slots (= positions: a plain cache)
         kv_len = key.shape[-2]
         n_blocks, gap = self.candidates(s)
-        regions = [Region(d=(0, self.window - 1)), Region(k=(gap, None), d=(self.window, None))]
-        if self.sinks:
-            regions.append(Region(k=(0, self.sinks), d=(self.window, None)))
-        pieces = []
-        for region in regions:
-            pieces += region_pieces(region, s, e, kv_len)
+        # Query i of the chunk sees its window (distance < window) and every key from ``gap``
+        # on that is farther: together, all of [gap, i]. So the chunk's keys are the sinks,
+        # the chosen blocks and [gap, s) for every query, plus the causal square [s, e):
+        # one gathered piece and one triangle (two kernel calls instead of seven pieces).
         query = call.query[:, :, r0:r1]
         sources = []
-        if n_blocks:
+        if n_blocks == 0:  # nothing to search: every earlier key is seen
+            pieces = [Piece(Kind.FULL, s, e, 0, s, 0)] if s > 0 else []
+        else:
             chosen = self.choose(query, key, n_blocks)  # (Hkv, kept)
             offsets = torch.arange(self.block, device=key.device)
-            tokens = (self.sinks + chosen[..., None] * self.block + offsets).flatten(1)
-            index = tokens[None, :, :, None].expand(key.shape[0], -1, -1, key.shape[-1])
-            staged_k = torch.gather(key, 2, index)
-            staged_v = torch.gather(value, 2, index.expand(-1, -1, -1, value.shape[-1]))
-            pieces.append(Piece(Kind.FULL, s, e, 0, staged_k.shape[-2], 1))
+            blocks = (self.sinks + chosen[..., None] * self.block + offsets).flatten(1)
+            heads = blocks.shape[0]
+            sinks = torch.arange(self.sinks, device=key.device).expand(heads, -1)
+            near = torch.arange(gap, s, device=key.device).expand(heads, -1)
+            tokens = torch.cat([sinks, blocks, near], 1)
+            staged_k, staged_v = _rows(key, tokens), _rows(value, tokens)
+            pieces = [Piece(Kind.FULL, s, e, 0, staged_k.shape[-2], 1)]
             sources.append(PositionSet(query, staged_k, 0, staged_v))
+        pieces.append(Piece(Kind.LOWER, s, e, s, e, 0))
         work_plan = Plan(r1 - r0, kv_len, s, (Tile(s, e, _tidy(pieces)),))
         return Work(work_plan, sources, (r0, r1))
 
@@ -116,14 +133,15 @@ class HiPLayout(Layout):
         queries (the best query of the chunk, summed over the query heads of the KV head)."""
         hq, hkv = query.shape[1], key.shape[1]
         q = query[0].float().view(hkv, hq // hkv, query.shape[-2], -1)  # (Hkv, g, r, D)
-        keys = key[0].float()  # (Hkv, S, D)
 
         def scores_of(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
             centre = self.sinks + torch.div((lo + hi) * self.block, 2, rounding_mode="floor")
             centre = torch.minimum(
                 centre, torch.full_like(centre, self.sinks + n_blocks * self.block - 1)
             )
-            k = keys.gather(1, centre[..., None].expand(-1, -1, keys.shape[-1]))  # (Hkv, m, D)
+            # gather the centre keys first, then widen them: converting the whole cache to
+            # fp32 for every query chunk cost more than the attention at 64k
+            k = _rows(key[:1], centre)[0].float()  # (Hkv, m, D)
             dots = torch.einsum("hgrd,hmd->hgrm", q, k)
             score = dots.amax(2).sum(1)  # best query, summed over the group
             return score.masked_fill(hi <= lo, float("-inf"))

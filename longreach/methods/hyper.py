@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Iterator
@@ -89,28 +90,20 @@ def _padding(keep: torch.Tensor | None) -> KeyPadding | None:
     return KeyPadding(keep)
 
 
-def _exact(q, k, v, keep, scale, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention (output, log-sum-exp) of q over k, v: full, or causal on a square."""
-    n, s = q.shape[-2], k.shape[-2]
-    if causal:
-        work = plan((Region(d=(0, None)),), n, s, 0, block=max(1024, n), check=False)
-    else:
-        work = _full_plan(n, s)
-    return block_attention(q, k, v, work, scale=scale, padding=_padding(keep), return_lse=True)
+def _merge_into(out, lse, parts) -> None:
+    """Merge attentions of the same queries over disjoint key sets into ``out``/``lse`` in place.
 
-
-def _rows(keep: torch.Tensor | None, slots: slice) -> torch.Tensor | None:
-    return None if keep is None else keep[:, slots]
-
-
-def _merge(o1, l1, o2, l2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two attentions of the same queries over disjoint key sets, combined by log-sum-exp.
-
-    The result is fp32 whatever the inputs' dtype (the fp32 weights promote them).
+    ``out`` (fp32) and ``lse`` hold one part already; ``parts`` are (output, log-sum-exp)
+    pairs of the others, any float dtype. One pass per part, no temporaries of out's size
+    beyond the weights.
     """
-    lse = torch.logaddexp(l1, l2)
-    w1, w2 = (l1 - lse).exp_()[..., None], (l2 - lse).exp_()[..., None]
-    return torch.mul(o1, w1).addcmul_(o2, w2), lse
+    total = lse
+    for _, part_lse in parts:
+        total = torch.logaddexp(total, part_lse)
+    out.mul_((lse - total).exp_()[..., None])
+    for o, part_lse in parts:
+        out.addcmul_(o, (part_lse - total).exp_()[..., None])
+    lse.copy_(total)
 
 
 def _block_index(total: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -122,6 +115,39 @@ def _block_index(total: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, i
     size = int((edges[1:] - edges[:-1]).max())
     index = edges[:-1, None] + torch.arange(size)[None, :]
     return index.clamp(max=total - 1), index < edges[1:, None], size
+
+
+@dataclasses.dataclass
+class _Run:
+    """One attention call's tensors, laid out for row gathers.
+
+    q (B, Hq, n, D), k and v (B, Hkv, S, D), contiguous, so that their (B * H * len, D)
+    views hold one vector per row; ``q_bucket``/``k_bucket`` are every vector's sort key,
+    hashed once per call (the layer's projection is the same for every rectangle).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    keep: torch.Tensor | None
+    proj: torch.Tensor
+    rank: torch.Tensor
+    q_slot: int  # slot of query 0
+    layer: int
+    scale: float
+
+    @functools.cached_property
+    def q_bucket(self) -> torch.Tensor:  # only a rectangle with an estimator needs them
+        return buckets(self.q, self.proj, self.rank)
+
+    @functools.cached_property
+    def k_bucket(self) -> torch.Tensor:
+        return buckets(self.k, self.proj, self.rank)
+
+    def row_base(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, 1) index of each (batch, head)'s first row in ``x.view(-1, D)``."""
+        bsz, heads, length = x.shape[:3]
+        return (torch.arange(bsz * heads, device=x.device) * length).view(bsz, heads, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,93 +172,98 @@ class HyperLayout(Layout):
         )
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
-        """(B, Hq, Lq, Dv) output of one attention call (queries at slots q_offset..)."""
-        q, k, v = call.query, call.key, call.value
-        s, n = call.q_offset, q.shape[-2]
+        """(B, Hq, Lq, Dv) output of one attention call (queries at slots q_offset..).
+
+        The call's own keys follow the causal rule, the earlier ones form one rectangle.
+        Results are written into one fp32 buffer (the causal split's halves are views of
+        it) and merged in place; queries, keys and values are gathered as rows of their
+        flattened tensors (``index_select``), never per element.
+        """
+        q, k, v = call.query.contiguous(), call.key.contiguous(), call.value.contiguous()
+        bsz, hq, n, _ = q.shape
         keep = call.padding.keep if call.padding is not None else None
         scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
-        own, before = slice(s, s + n), slice(0, s)
-        o, lse = self.causal(q, k[:, :, own], v[:, :, own], _rows(keep, own), call.layer, s, scale)
+        proj = lsh_projections(self.seed, call.layer, q.shape[-1], self.lsh_num_projs)
+        proj, rank = proj.to(q.device), gray_rank(self.lsh_num_projs).to(q.device)
+        s = call.q_offset
+        run = _Run(q, k, v, keep, proj, rank, s, call.layer, scale)
+        out = torch.empty(bsz, hq, n, v.shape[-1], dtype=torch.float32, device=q.device)
+        lse = torch.empty(bsz, hq, n, dtype=torch.float32, device=q.device)
+        self._causal(run, 0, n, out, lse)
         if s > 0:
-            earlier = self.rectangle(
-                q, k[:, :, before], v[:, :, before], _rows(keep, before), call.layer, s, 0, scale
-            )
-            o, lse = _merge(o, lse, *earlier)
-        return o.to(q.dtype)
+            _merge_into(out, lse, self._rectangle(run, 0, n, 0, s))
+        return out.to(q.dtype)
 
-    def causal(self, q, k, v, keep, layer: int, start: int, scale: float):
-        """Causal attention of n queries over the n keys at the same slots ``start ..``.
+    def _causal(self, run: _Run, a: int, b: int, out, lse) -> None:
+        """Queries ``a..b`` over the keys at their own slots, written into out/lse[a:b].
 
-        Exact when n <= ``min_seq_len``; else split at h = ceil(n / 2): both diagonal
-        halves recursively, and the second half's queries over the first half's keys by
-        :meth:`rectangle`, merged by log-sum-exp.
+        Exact when n = b - a <= ``min_seq_len``; else split at h = a + ceil(n / 2): both
+        diagonal halves recursively, then the second half's queries over the first half's
+        keys by :meth:`_rectangle`, merged in place.
         """
-        n = q.shape[-2]
+        n, s = b - a, run.q_slot
         if n <= self.min_seq_len:
-            return _exact(q, k, v, keep, scale, causal=True)
-        h = (n + 1) // 2
-        up, down = slice(0, h), slice(h, n)
-        q_up, k_up, v_up, keep_up = q[:, :, up], k[:, :, up], v[:, :, up], _rows(keep, up)
-        q_down, k_down, v_down = q[:, :, down], k[:, :, down], v[:, :, down]
-        o_up, l_up = self.causal(q_up, k_up, v_up, keep_up, layer, start, scale)
-        o_down, l_down = self.causal(
-            q_down, k_down, v_down, _rows(keep, down), layer, start + h, scale
-        )
-        o_off, l_off = self.rectangle(q_down, k_up, v_up, keep_up, layer, start + h, start, scale)
-        o_down, l_down = _merge(o_down, l_down, o_off, l_off)
-        return torch.cat([o_up, o_down], 2), torch.cat([l_up, l_down], 2)
+            work = plan((Region(d=(0, None)),), n, n, 0, block=max(1024, n), check=False)
+            keys = slice(s + a, s + b)
+            o, o_lse = block_attention(
+                run.q[:, :, a:b], run.k[:, :, keys], run.v[:, :, keys], work, scale=run.scale,
+                padding=_padding(None if run.keep is None else run.keep[:, keys]),
+                return_lse=True,
+            )  # fmt: skip
+            out[:, :, a:b] = o
+            lse[:, :, a:b] = o_lse
+            return
+        h = a + (n + 1) // 2
+        self._causal(run, a, h, out, lse)
+        self._causal(run, h, b, out, lse)
+        _merge_into(out[:, :, h:b], lse[:, :, h:b], self._rectangle(run, h, b, s + a, s + h))
 
-    def rectangle(self, q, k, v, keep, layer: int, q0: int, k0: int, scale: float):
-        """Every query (slots ``q0 ..``) over every key (slots ``k0 ..``): HyperAttention's
-        estimator without a mask. Returns (output, log-sum-exp)."""
-        bsz, hq, n_q, dim = q.shape
-        hkv, n_k = k.shape[1], k.shape[2]
-        g = hq // hkv
+    def _rectangle(self, run: _Run, a: int, b: int, k0: int, k1: int) -> list:
+        """Queries ``a..b`` over every key of slots ``k0..k1``: HyperAttention's estimator
+        without a mask. Returns (output, log-sum-exp) parts in the queries' order."""
+        q, k, v = run.q, run.k, run.v
+        bsz, hq, _, dim = q.shape
+        hkv = k.shape[1]
+        n_q, n_k, g = b - a, k1 - k0, hq // hkv
+        keep = None if run.keep is None else run.keep[:, k0:k1]
         blocks = -(-n_k // self.block_size)
         if n_q < self.min_seq_len or blocks == 1:
-            return _exact(q, k, v, keep, scale, causal=False)
+            return [block_attention(
+                q[:, :, a:b], k[:, :, k0:k1], v[:, :, k0:k1], _full_plan(n_q, n_k),
+                scale=run.scale, padding=_padding(keep), return_lse=True,
+            )]  # fmt: skip
         device = q.device
-        proj = lsh_projections(self.seed, layer, dim, self.lsh_num_projs).to(device)
-        rank = gray_rank(self.lsh_num_projs).to(device)
-        q_order = torch.sort(buckets(q, proj, rank), dim=-1, stable=True).indices  # (B, Hq, Lq)
-        k_order = torch.sort(buckets(k, proj, rank), dim=-1, stable=True).indices  # (B, Hkv, S)
+        q_order = torch.sort(run.q_bucket[:, :, a:b], dim=-1, stable=True).indices  # (B, Hq, Lq)
+        k_order = torch.sort(run.k_bucket[:, :, k0:k1], dim=-1, stable=True).indices  # (B, Hkv, S)
 
         # 1. Exact attention inside block b of the sorted order: queries and keys at the same
-        # quantiles of their sorted orders. Rows are (batch, KV head, block), g query heads each.
+        # quantiles of their sorted orders. Rows are (batch, KV head, block), g query heads
+        # each; every tensor is gathered as whole rows of its (B * H * len, D) view.
         rows = bsz * hkv * blocks
         k_index, k_valid, k_size = _block_index(n_k, blocks)
         q_index, q_valid, q_size = _block_index(n_q, blocks)
         k_slots = k_order[..., k_index.flatten().to(device)]  # (B, Hkv, blocks * k_size)
         q_slots = q_order[..., q_index.flatten().to(device)]  # (B, Hq, blocks * q_size)
-
-        def gather(x, slots):
-            return x.gather(2, slots[..., None].expand(-1, -1, -1, x.shape[-1]))
-
-        def by_rows(x, size):  # (B, Hkv, blocks * size, D) -> (rows, 1, size, D)
-            return x.reshape(rows, 1, size, x.shape[-1])
-
-        q_blocks = gather(q, q_slots).view(bsz, hkv, g, blocks, q_size, dim)
-        q_blocks = q_blocks.transpose(2, 3).reshape(rows, g, q_size, dim)
-        k_blocks = by_rows(gather(k, k_slots), k_size)
-        v_blocks = by_rows(gather(v, k_slots), k_size)
+        q_rows = (q_slots + a + run.row_base(q)).view(bsz, hkv, g, blocks, q_size)
+        q_rows = q_rows.transpose(2, 3).flatten()  # (B, Hkv, blocks, g, q_size)
+        q_blocks = q.view(-1, dim).index_select(0, q_rows).view(rows, g, q_size, dim)
+        k_rows = (k_slots + k0 + run.row_base(k)).flatten()
+        k_blocks = k.view(-1, dim).index_select(0, k_rows).view(rows, 1, k_size, dim)
+        v_blocks = v.view(-1, v.shape[-1]).index_select(0, k_rows).view(rows, 1, k_size, -1)
         k_keep = k_valid.to(device).expand(bsz, hkv, -1, -1)
         if keep is not None:
             k_keep = k_keep & keep.gather(1, k_slots.flatten(1)).view(bsz, hkv, blocks, k_size)
-        o, lse = block_attention(
-            q_blocks,
-            k_blocks,
-            v_blocks,
-            _full_plan(q_size, k_size),
-            scale=scale,
-            padding=_padding(k_keep.reshape(rows, k_size)),
-            return_lse=True,
-        )
+        found = [block_attention(
+            q_blocks, k_blocks, v_blocks, _full_plan(q_size, k_size), scale=run.scale,
+            padding=_padding(k_keep.reshape(rows, k_size)), return_lse=True,
+        )]  # fmt: skip
 
         # 2. The residual: sample_size keys drawn uniformly (per batch row and KV head), each
         # weighted n_k / sample_size, those of the query's own block left out.
         m = self.sample_size
         if m > 0:
-            picks = sampled_keys(self.seed, layer, q0, k0, k0 + n_k, (bsz, hkv), m).to(device)
+            picks = sampled_keys(self.seed, run.layer, run.q_slot + a, k0, k1, (bsz, hkv), m)
+            picks = picks.to(device)
             place = torch.empty_like(k_order).scatter_(
                 2, k_order, torch.arange(n_k, device=device).expand_as(k_order)
             )  # place of each key in the sorted order
@@ -241,35 +272,41 @@ class HyperLayout(Layout):
             s_keep = block_of[:, :, None, :] != torch.arange(blocks, device=device)[:, None]
             if keep is not None:
                 s_keep = s_keep & keep.gather(1, picks.flatten(1)).view(bsz, hkv, 1, m)
-
-            def samples(x):
-                x = gather(x, picks)[:, :, None].expand(-1, -1, blocks, -1, -1)
-                return x.reshape(rows, 1, m, x.shape[-1])
-
+            s_rows = (picks + k0 + run.row_base(k))[:, :, None].expand(-1, -1, blocks, -1)
+            s_rows = s_rows.flatten()
             o_res, l_res = block_attention(
                 q_blocks,
-                samples(k),
-                samples(v),
+                k.view(-1, dim).index_select(0, s_rows).view(rows, 1, m, dim),
+                v.view(-1, v.shape[-1]).index_select(0, s_rows).view(rows, 1, m, -1),
                 _full_plan(q_size, m),
-                scale=scale,
+                scale=run.scale,
                 padding=_padding(s_keep.reshape(rows, m)),
                 return_lse=True,
             )
-            o, lse = _merge(o, lse, o_res, l_res + math.log(n_k / m))
+            found.append((o_res, l_res.add_(math.log(n_k / m))))
 
-        # 3. Back to the queries' own order: sorted place r sits in block b at row r - edge_b.
-        o = (
-            o.view(bsz, hkv, blocks, g, q_size, -1)
-            .transpose(2, 3)
-            .reshape(bsz, hq, -1, o.shape[-1])
-        )
-        lse = lse.view(bsz, hkv, blocks, g, q_size).transpose(2, 3).reshape(bsz, hq, -1)
+        # 3. Back to the queries' own order. Query i of head (kv, j) sits at sorted place
+        # p = inverse[i], i.e. in block p // .. at row flat[p] of that block's rows: the
+        # output (rows, g, q_size, D) is laid out (rows, q_size, g, D) by the kernel, its
+        # log-sum-exp (rows, g, q_size).
         flat = torch.arange(blocks * q_size).view(blocks, q_size)[q_valid].to(device)  # (Lq,)
         inverse = torch.empty_like(q_order).scatter_(
             2, q_order, torch.arange(n_q, device=device).expand_as(q_order)
         )  # sorted place of each query
-        pick = flat[inverse]  # (B, Hq, Lq)
-        return o.gather(2, pick[..., None].expand(-1, -1, -1, o.shape[-1])), lse.gather(2, pick)
+        at = flat[inverse].view(bsz, hkv, g, n_q)  # block * q_size + row, per query
+        head = torch.arange(g, device=device).view(1, 1, g, 1)
+        base = (torch.arange(bsz * hkv, device=device) * (blocks * q_size)).view(bsz, hkv, 1, 1)
+        blk, row = at // q_size, at % q_size
+        o_at = ((base + at) * g + head).flatten()
+        l_at = (((base + blk * q_size) * g + head * q_size) + row).flatten()
+        parts = []
+        for o, o_lse in found:
+            o_flat = o.transpose(1, 2).reshape(-1, o.shape[-1])  # a view: (rows, q_size, g, D)
+            parts.append((
+                o_flat.index_select(0, o_at).view(bsz, hq, n_q, -1),
+                o_lse.reshape(-1).index_select(0, l_at).view(bsz, hq, n_q),
+            ))  # fmt: skip
+        return parts
 
 
 def hyper_attention(

@@ -26,7 +26,8 @@ from longreach.methods.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class _QuestionAttention(Layout):
-    """Causal attention that also records what the last ``rows`` queries gave each key."""
+    """Causal attention that also records what each of the last ``rows`` queries gave each key
+    (summed over heads)."""
 
     windows: ClassVar[bool] = False  # prepare() plans its own regions, no sliding window
 
@@ -49,7 +50,7 @@ class _QuestionAttention(Layout):
             slots = torch.arange(kv_len, device=p.device)
             rows = torch.arange(q_offset + r0, q_offset + q_len, device=p.device)
             p = p.masked_fill_(slots[None, None, :] > rows[None, :, None], 0.0)
-            self.sink.append(p.sum((0, 1)))  # (S,) over heads and question rows
+            self.sink.append(p.sum(0))  # (r, S): each question row's attention, over heads
 
         yield Work(work_plan, (), None, done)
 
@@ -60,22 +61,35 @@ class InfiniRetri(Reader):
     """InfiniRetri (Ye et al., 2025, Infinite Retrieval: Attention Enhanced LLMs in Long-Context Processing, arXiv 2502.12962).
 
     The context is read in chunks of at most ``chunk`` tokens cut at sentence ends. Each
-    chunk is fed after the sentences cached so far and before the question; the attention
-    the question's tokens give every context token at layer ``layer`` (summed over heads
-    and question tokens), smoothed by a 1-D convolution of width ``window`` over
-    neighbouring tokens, scores the tokens; the sentences holding the ``topk`` best-scored
-    tokens become the cache (at most ``cache`` tokens, best first, kept in reading order).
-    What is cached is token ids, not KV: memory is one chunk's forward whatever the input
-    length. The answer comes from the last step's prompt: cache, last chunk, question.
-    Only the question's rows of attention are computed (question x context), at one layer.
-    A prompt that fits one chunk is answered as it is (the model's own answer).
+    chunk is fed after the sentences cached so far and before the question. At layer
+    ``layer`` each question token's attention over the context (summed over heads) is
+    smoothed by a 1-D convolution of width ``window`` over neighbouring tokens; the rows are
+    summed, each weighted by w_q^2, where w_q is the attention that question token gives
+    the question's own tokens, measured at the first step and kept (``question_weight``;
+    off: every row weighs 1). The sentences holding the ``topk`` best-scored tokens become
+    the cache (at most ``cache`` tokens, best first, kept in reading order). What is cached
+    is token ids, not KV: memory is one chunk's forward whatever the input length. The
+    answer comes from the last step's prompt: cache, last chunk, question. Only the
+    question's rows of attention are computed (question x context), at one layer. A prompt
+    that fits one chunk is answered as it is (the model's own answer).
+
+    The defaults follow the authors' code (the ``infini-retri`` package 0.0.3 on PyPI, by
+    the first author): chunks of 1024 tokens (``window_length``), ``topk=300``, a
+    convolution of 8 tokens (``phrase_token_num``), the last layer, question weights on
+    (``use_question_weight``, score method 3), and the question here is the prompt's tail
+    after the context (question, answer prefix and chat template). Departures: the chunk
+    is at most half the trained length (the authors ran 32k-token models), and the cache is
+    bounded by ``cache`` tokens (their cache is every sentence holding a top-k token,
+    unbounded), so that every forward fits the trained length.
 
     Parameters:
-        chunk: context tokens read per step (default: trained length / 2).
+        chunk: context tokens read per step (default: 1024, at most trained length / 2).
         cache: tokens of kept sentences (default: trained length / 4).
-        topk: best-scored tokens whose sentences are kept (default 64).
-        window: width of the smoothing convolution (default 5).
+        topk: best-scored tokens whose sentences are kept (default 300).
+        window: width of the smoothing convolution (default 8).
         layer: the layer whose attention scores (default -1, the last).
+        question_weight: weigh each question token by its attention to the question,
+            squared (default true).
         original_max: L, the trained length (default: the model's).
     """
 
@@ -86,11 +100,12 @@ class InfiniRetri(Reader):
     )
     summary: ClassVar[str] = "reader: chunks + the question's attention keep sentences (ids)"
 
-    chunk: int | None = param(None, "context tokens per step (default: trained length / 2)")
+    chunk: int | None = param(None, "context tokens per step (default: 1024, at most L / 2)")
     cache: int | None = param(None, "tokens of kept sentences (default: trained length / 4)")
-    topk: int = param(64, "best-scored tokens whose sentences are kept")
-    window: int = param(5, "width of the smoothing convolution")
+    topk: int = param(300, "best-scored tokens whose sentences are kept")
+    window: int = param(8, "width of the smoothing convolution")
     layer: int = param(-1, "layer whose attention scores (-1: the last)")
+    question_weight: bool = param(True, "weigh question tokens by their attention to the question")
     original_max: int | None = param(None, "L, the trained length (default: the model's)")
 
     def validate(self) -> None:
@@ -105,7 +120,7 @@ class InfiniRetri(Reader):
 
     def sizes(self, model: torch.nn.Module) -> tuple[int, int]:
         length = self.trained_length(model)
-        chunk = self.chunk if self.chunk is not None else length // 2
+        chunk = self.chunk if self.chunk is not None else min(1024, length // 2)
         cache = self.cache if self.cache is not None else length // 4
         if chunk + cache > length:
             self.fail(
@@ -141,6 +156,7 @@ class InfiniRetri(Reader):
         layer = self.layer % model.config.num_hidden_layers
         kept: list[Sentence] = []
         read = 0
+        weights = None  # the question rows' weights, measured at the first step
         for i, piece in enumerate(steps):
             context = [*kept, *piece]
             ids = around.around([t for s in context for t in s.ids])
@@ -149,13 +165,14 @@ class InfiniRetri(Reader):
                 reading.meta.update(steps=len(steps), read_tokens=read + len(ids),
                                     kept_sentences=[s.index for s in kept])  # fmt: skip
                 return reading
-            kept = self._keep(model, ids, around, context, layer, cache_size)
+            kept, weights = self._keep(model, ids, around, context, layer, cache_size, weights)
             read += len(ids)
             if progress is not None:
                 progress(i + 1, len(steps))
         raise AssertionError("unreachable: the last step answers")
 
-    def _keep(self, model, ids, around, context: list[Sentence], layer: int, size: int):
+    def _keep(self, model, ids, around, context: list[Sentence], layer: int, size: int,
+              weights: torch.Tensor | None) -> tuple[list[Sentence], torch.Tensor]:  # fmt: skip
         sink: list[torch.Tensor] = []
         layout = _QuestionAttention(rows=len(around.tail), sink=sink)
         x = torch.tensor([ids], dtype=torch.long, device=model.device)
@@ -164,7 +181,12 @@ class InfiniRetri(Reader):
             model(input_ids=x, use_cache=False, **kwargs)
         c0 = len(around.head)
         c1 = len(ids) - len(around.tail)
-        scores = sink[-1][c0:c1].float()
+        rows = sink[-1].float()  # (question rows, slots)
+        if weights is None:
+            weights = rows[:, c1:].sum(-1) if self.question_weight else torch.ones(len(rows))
+        # the convolution is linear: weighting the rows, summing, then smoothing is the same
+        # as smoothing each row first (the authors' order)
+        scores = (weights.square()[:, None] * rows[:, c0:c1]).sum(0)
         if self.window > 1:
             kernel = torch.ones(1, 1, self.window, device=scores.device)
             scores = torch.nn.functional.conv1d(
@@ -180,4 +202,4 @@ class InfiniRetri(Reader):
             if total + len(context[j].ids) <= size:
                 chosen.append(j)
                 total += len(context[j].ids)
-        return [context[j] for j in sorted(chosen)]
+        return [context[j] for j in sorted(chosen)], weights

@@ -49,6 +49,7 @@ class Reading:
     text: str
     new_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt the answer came from
 
 
 def split_sentences(text: str) -> list[str]:
@@ -164,7 +165,8 @@ class Reader(Method):
 
             new = greedy(model, state, max_new_tokens, _eos_ids(model, tokenizer), stop=stop)
         new_ids = new[0].tolist()
-        return Reading(tokenizer.decode(new_ids, skip_special_tokens=True), len(new_ids))
+        return Reading(tokenizer.decode(new_ids, skip_special_tokens=True), len(new_ids),
+                       prompt_ids=list(ids))  # fmt: skip
 
 
 def read(
@@ -178,8 +180,13 @@ def read(
     answer_prefix: str = "",
     max_new_tokens: int = 32,
     chat: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> str:
-    """Answer ``question`` about ``context`` with a reader method (``infiniretri``, ``xl3m``)."""
+    """Answer ``question`` about ``context`` with a reader method (``infiniretri``, ``xl3m``).
+
+    ``progress(done, total)`` is called after each step of the read (a chunk, a segment),
+    before the answer: on a long input, a progress bar's hook.
+    """
     from longreach.methods import build_method
     from longreach.tasks.base import Parts, PromptFormat
 
@@ -191,7 +198,7 @@ def read(
     built.check_model(model)
     fmt = PromptFormat(tokenizer, chat=chat)
     parts = Parts(instruction, context, question, answer_prefix, [])
-    return built.answer(model, tokenizer, fmt, parts, max_new_tokens).text
+    return built.answer(model, tokenizer, fmt, parts, max_new_tokens, progress=progress).text
 
 
 _MARK = "\x00longreach-context\x00"
