@@ -11,7 +11,7 @@ import longreach as lr
 from longreach import LongreachError
 from longreach.bench.runner import _eos_ids
 from longreach.methods import build_method
-from longreach.methods.reader import pieces, split_sentences, tokenize_sentences
+from longreach.methods.reader import pieces, split_sentences, tokenize_sentences, whole_if_fits
 from longreach.prefill import greedy, prefill
 from longreach.tasks import PromptFormat, get_task
 from longreach.tasks.base import Parts
@@ -92,6 +92,24 @@ def test_no_forward_exceeds_the_trained_length_on_a_50k_token_input(lab, spec):
         hook.remove()
     assert max(longest) <= 256, f"{spec}: a forward of {max(longest)} tokens (trained: 256)"
     assert len(longest) > 100 and steps[-1][0] == steps[-1][1] - (spec == "infiniretri")
+
+
+def test_a_context_that_cannot_fit_is_never_tokenized_whole(lab):
+    _, tok = lab
+    fmt = PromptFormat(tok)
+    short = Parts("", "The pass key is 12345. " * 3, "\n\nWhat is the pass key?", "", [])
+    assert whole_if_fits(tok, fmt, short, 200) == fmt.encode(fmt.render(short))
+    assert whole_if_fits(tok, fmt, short, 5) is None
+
+    class Counting(PromptFormat):
+        calls = 0
+
+        def encode(self, text):
+            Counting.calls += 1
+            return super().encode(text)
+
+    long = Parts("", "The grass is green. " * 20_000, "\n\nWhat is the pass key?", "", [])
+    assert whole_if_fits(tok, Counting(tok), long, 1000) is None and Counting.calls == 0
 
 
 def test_sentences_split_deterministically_and_pieces_lose_nothing(lab):

@@ -20,6 +20,7 @@ from longreach.methods.reader import (
     pieces,
     question_of,
     tokenize_sentences,
+    whole_if_fits,
 )
 from longreach.methods.registry import register
 
@@ -141,8 +142,8 @@ class InfiniRetri(Reader):
                progress: Callable[[int, int], None] | None = None) -> Reading:  # fmt: skip
         chunk, cache_size = self.sizes(model)
         parts = question_of(parts)
-        whole = fmt.encode(fmt.render(parts))
-        if len(whole) <= chunk + cache_size:  # it fits: the model reads it as it is
+        whole = whole_if_fits(tokenizer, fmt, parts, chunk + cache_size)
+        if whole is not None:  # it fits: the model reads it as it is
             return self.generate(model, tokenizer, whole, max_new_tokens, is_complete)
         around = frame(fmt, parts)
         room = self.trained_length(model) - len(around.head) - len(around.tail) - max_new_tokens

@@ -71,6 +71,22 @@ def tokenize_sentences(tokenizer: Any, text: str) -> list[Sentence]:
     ]
 
 
+def whole_if_fits(tokenizer: Any, fmt: Any, parts: Any, limit: int) -> list[int] | None:
+    """The whole prompt's ids if it holds at most ``limit`` tokens, else None.
+
+    A context of c characters holds at least c / m tokens, m the longest vocabulary entry
+    (a token covers at most one character per symbol of its entry), so a context that
+    cannot fit is never tokenized whole: at 1M tokens that one call cost several hundred
+    MB of transient memory (the fast tokenizer's per-word buffers), more than the read.
+    """
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    longest = max((len(t) for t in vocab), default=0)  # 0: unknown, tokenize to see
+    if longest and len(parts.context) > limit * longest:
+        return None
+    whole = fmt.encode(fmt.render(parts))
+    return whole if len(whole) <= limit else None
+
+
 def pieces(sentences: list[Sentence], size: int) -> list[list[Sentence]]:
     """Consecutive runs of sentences of at most ``size`` tokens (a longer sentence is cut)."""
     out: list[list[Sentence]] = []

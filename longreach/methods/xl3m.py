@@ -10,7 +10,15 @@ import torch
 
 from longreach import compat
 from longreach.methods.base import param
-from longreach.methods.reader import Reader, Reading, frame, pieces, question_of, tokenize_sentences
+from longreach.methods.reader import (
+    Reader,
+    Reading,
+    frame,
+    pieces,
+    question_of,
+    tokenize_sentences,
+    whole_if_fits,
+)
 from longreach.methods.registry import register
 
 MEASURES = ("logprob", "entropy")
@@ -78,8 +86,8 @@ class XL3M(Reader):
                 f"tokens, which leaves no room for a segment of {segment} in the trained "
                 f"length {length}; lower segment."
             )
-        whole = fmt.encode(fmt.render(parts))
-        if len(whole) <= len(around.head) + len(around.tail) + keep:
+        whole = whole_if_fits(tokenizer, fmt, parts, len(around.head) + len(around.tail) + keep)
+        if whole is not None:  # it fits: the model reads it as it is
             return self.generate(model, tokenizer, whole, max_new_tokens, is_complete)
         segments = pieces(tokenize_sentences(tokenizer, parts.context), segment)
         scores = []
