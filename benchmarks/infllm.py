@@ -69,11 +69,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mib() -> float | None:
-    """VmHWM of this process in MiB (None off Linux)."""
+def _peak_mib(field: str = "VmHWM") -> float | None:
+    """VmHWM (or another /proc/self/status field) of this process in MiB (None off Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
@@ -86,7 +86,8 @@ def run_cell(cell: dict) -> dict:
     ``peak_rss_mib`` is the process's peak (``ru_maxrss``), which includes loading the
     model; ``work_peak_rss_mib`` is the peak from just before the prefill (or read) on,
     model included (VmHWM reset after loading and building the prompt; None if it could
-    not be reset).
+    not be reset); ``work_start_rss_mib`` is the RSS at that reset, so the work's own rise is
+    their difference (building a 1M-token prompt leaves the process larger before any read).
     """
     import torch
 
@@ -107,6 +108,7 @@ def run_cell(cell: dict) -> dict:
 
     built = build_method(method)
     reset = _reset_peak()
+    start_rss = _peak_mib("VmRSS") if reset else None
     if built.reader:  # it reads the parts itself, each forward within the trained length
         built.check_model(model)
         t0 = time.perf_counter()
@@ -127,6 +129,7 @@ def run_cell(cell: dict) -> dict:
             "decode_tok_s": None,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "work_peak_rss_mib": _peak_mib() if reset else None,
+            "work_start_rss_mib": start_rss,
             "kv_mib": 0.0, "disk_blocks": 0, "dtype": str(dtype), "expected": sample.expected[0],
             "output": reading.text.strip()[:40],
             "correct": int(task.score(sample, reading.text) >= 1.0),
@@ -157,6 +160,7 @@ def run_cell(cell: dict) -> dict:
         "decode_tok_s": round(steps / decode, 2) if new.shape[1] > 1 else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "work_peak_rss_mib": _peak_mib() if reset else None,
+        "work_start_rss_mib": start_rss,
         "kv_mib": round(stored / 2**20, 1),
         "disk_blocks": disk,
         "dtype": str(dtype),
