@@ -421,8 +421,12 @@ def test_load_50_requests_10_clients_bounded_queue(server, client, lab):
 def test_full_queue_answers_503_with_retry_after(server):
     body = {"model": "lab", "prompt": "Once", "max_tokens": 200, "temperature": 1.0, "seed": 1}
     statuses: list[tuple[int, str | None]] = []
+    # all 14 post together: on a loaded machine, threads that start late could otherwise find
+    # the first requests already answered and the queue free again
+    together = threading.Barrier(14)
 
     def one(_: int) -> None:
+        together.wait(timeout=60)
         r = httpx.post(server.base_url + "/completions", json=body, timeout=120)
         statuses.append((r.status_code, r.headers.get("retry-after")))
 
