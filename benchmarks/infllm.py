@@ -69,7 +69,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mib(field: str = "VmHWM") -> float | None:
+def _status_mib(field: str = "VmHWM") -> float | None:
     """VmHWM (or another /proc/self/status field) of this process in MiB (None off Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -108,7 +108,7 @@ def run_cell(cell: dict) -> dict:
 
     built = build_method(method)
     reset = _reset_peak()
-    start_rss = _peak_mib("VmRSS") if reset else None
+    start_rss = _status_mib("VmRSS") if reset else None
     if built.reader:  # it reads the parts itself, each forward within the trained length
         built.check_model(model)
         t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def run_cell(cell: dict) -> dict:
             "prefill_s": round(seconds, 2), "s_per_token": seconds / ids.shape[1],
             "decode_tok_s": None,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "work_peak_rss_mib": _peak_mib() if reset else None,
+            "work_peak_rss_mib": _status_mib() if reset else None,
             "work_start_rss_mib": start_rss,
             "kv_mib": 0.0, "disk_blocks": 0, "dtype": str(dtype), "expected": sample.expected[0],
             "output": reading.text.strip()[:40],
@@ -159,7 +159,7 @@ def run_cell(cell: dict) -> dict:
         "s_per_token": seconds / ids.shape[1],
         "decode_tok_s": round(steps / decode, 2) if new.shape[1] > 1 else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "work_peak_rss_mib": _peak_mib() if reset else None,
+        "work_peak_rss_mib": _status_mib() if reset else None,
         "work_start_rss_mib": start_rss,
         "kv_mib": round(stored / 2**20, 1),
         "disk_blocks": disk,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from longreach.attention.kernel import gather_rows
 from longreach.attention.rotary import rotate
 from longreach.errors import LongreachError
 
@@ -112,8 +113,8 @@ class EvictingLayer(DynamicLayer):
             index = index[None]
         else:  # per head: rows of a (Hkv * R, D) view
             flat = (index + torch.arange(heads, device=index.device)[:, None] * slots).reshape(-1)
-            self.keys = _rows(self.keys, flat, heads)
-            self.values = _rows(self.values, flat, heads)
+            self.keys = gather_rows(self.keys, index)
+            self.values = gather_rows(self.values, index)
             self.positions = self.positions.reshape(-1).index_select(0, flat).view(heads, -1)
             self.scores = self.scores.reshape(-1).index_select(0, flat).view(heads, -1)
         if self.rotated is not None:
@@ -177,12 +178,6 @@ class EvictingLayer(DynamicLayer):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
         return total
-
-
-def _rows(x: torch.Tensor, flat: torch.Tensor, heads: int) -> torch.Tensor:
-    """(1, Hkv, R', D): the rows ``flat`` (indices into Hkv * R) of ``x`` (1, Hkv, R, D)."""
-    dim = x.shape[-1]
-    return x.reshape(-1, dim).index_select(0, flat).view(1, heads, -1, dim)
 
 
 class EvictingCache(Cache):

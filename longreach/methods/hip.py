@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from longreach.attention import hf
-from longreach.attention.kernel import PositionSet
+from longreach.attention.kernel import PositionSet, gather_rows
 from longreach.attention.layout import (
     AttentionCall,
     Kind,
@@ -54,21 +54,6 @@ def search(scores_of, n_blocks: int, k: int, heads: int, device) -> torch.Tensor
         )
         empty = lo >= hi
         lo, hi = lo.masked_fill(empty, 0), hi.masked_fill(empty, 0)
-
-
-def _rows(x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, H, S, D) at slots ``tokens`` (H, m) of each head: (B, H, m, D).
-
-    Whole rows are copied (``index_select`` on the (B * H * S, D) view) when ``x`` is
-    contiguous, which is much faster on CPU than an element-wise ``gather``.
-    """
-    bsz, heads, length, dim = x.shape
-    if not x.is_contiguous():
-        index = tokens[None, :, :, None].expand(bsz, -1, -1, dim)
-        return torch.gather(x, 2, index)
-    base = torch.arange(bsz * heads, device=x.device).view(bsz, heads, 1) * length
-    rows = (base + tokens[None]).flatten()
-    return x.view(-1, dim).index_select(0, rows).view(bsz, heads, tokens.shape[-1], dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +106,7 @@ class HiPLayout(Layout):
             sinks = torch.arange(self.sinks, device=key.device).expand(heads, -1)
             near = torch.arange(gap, s, device=key.device).expand(heads, -1)
             tokens = torch.cat([sinks, blocks, near], 1)
-            staged_k, staged_v = _rows(key, tokens), _rows(value, tokens)
+            staged_k, staged_v = gather_rows(key, tokens), gather_rows(value, tokens)
             pieces = [Piece(Kind.FULL, s, e, 0, staged_k.shape[-2], 1)]
             sources.append(PositionSet(query, staged_k, 0, staged_v))
         pieces.append(Piece(Kind.LOWER, s, e, s, e, 0))
@@ -141,7 +126,7 @@ class HiPLayout(Layout):
             )
             # gather the centre keys first, then widen them: converting the whole cache to
             # fp32 for every query chunk cost more than the attention at 64k
-            k = _rows(key[:1], centre)[0].float()  # (Hkv, m, D)
+            k = gather_rows(key[:1], centre)[0].float()  # (Hkv, m, D)
             dots = torch.einsum("hgrd,hmd->hgrm", q, k)
             score = dots.amax(2).sum(1)  # best query, summed over the group
             return score.masked_fill(hi <= lo, float("-inf"))

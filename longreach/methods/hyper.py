@@ -13,7 +13,7 @@ import torch
 
 from longreach import compat
 from longreach.attention import hf
-from longreach.attention.kernel import KeyPadding, block_attention
+from longreach.attention.kernel import KeyPadding, block_attention, gather_rows, row_index
 from longreach.attention.layout import (
     AttentionCall,
     Kind,
@@ -144,11 +144,6 @@ class _Run:
     def k_bucket(self) -> torch.Tensor:
         return buckets(self.k, self.proj, self.rank)
 
-    def row_base(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, 1) index of each (batch, head)'s first row in ``x.view(-1, D)``."""
-        bsz, heads, length = x.shape[:3]
-        return (torch.arange(bsz * heads, device=x.device) * length).view(bsz, heads, 1)
-
 
 @dataclasses.dataclass(frozen=True)
 class HyperLayout(Layout):
@@ -244,12 +239,11 @@ class HyperLayout(Layout):
         q_index, q_valid, q_size = _block_index(n_q, blocks)
         k_slots = k_order[..., k_index.flatten().to(device)]  # (B, Hkv, blocks * k_size)
         q_slots = q_order[..., q_index.flatten().to(device)]  # (B, Hq, blocks * q_size)
-        q_rows = (q_slots + a + run.row_base(q)).view(bsz, hkv, g, blocks, q_size)
-        q_rows = q_rows.transpose(2, 3).flatten()  # (B, Hkv, blocks, g, q_size)
-        q_blocks = q.view(-1, dim).index_select(0, q_rows).view(rows, g, q_size, dim)
-        k_rows = (k_slots + k0 + run.row_base(k)).flatten()
-        k_blocks = k.view(-1, dim).index_select(0, k_rows).view(rows, 1, k_size, dim)
-        v_blocks = v.view(-1, v.shape[-1]).index_select(0, k_rows).view(rows, 1, k_size, -1)
+        # the query rows in (B, Hkv, blocks, g, q_size) order: one copy straight into blocks
+        q_rows = row_index(q, q_slots + a).view(bsz, hkv, g, blocks, q_size).transpose(2, 3)
+        q_blocks = q.view(-1, dim).index_select(0, q_rows.flatten()).view(rows, g, q_size, dim)
+        k_blocks = gather_rows(k, k_slots + k0).view(rows, 1, k_size, dim)
+        v_blocks = gather_rows(v, k_slots + k0).view(rows, 1, k_size, -1)
         k_keep = k_valid.to(device).expand(bsz, hkv, -1, -1)
         if keep is not None:
             k_keep = k_keep & keep.gather(1, k_slots.flatten(1)).view(bsz, hkv, blocks, k_size)
@@ -272,12 +266,11 @@ class HyperLayout(Layout):
             s_keep = block_of[:, :, None, :] != torch.arange(blocks, device=device)[:, None]
             if keep is not None:
                 s_keep = s_keep & keep.gather(1, picks.flatten(1)).view(bsz, hkv, 1, m)
-            s_rows = (picks + k0 + run.row_base(k))[:, :, None].expand(-1, -1, blocks, -1)
-            s_rows = s_rows.flatten()
+            s_slots = (picks + k0)[:, :, None].expand(-1, -1, blocks, -1).flatten(2)
             o_res, l_res = block_attention(
                 q_blocks,
-                k.view(-1, dim).index_select(0, s_rows).view(rows, 1, m, dim),
-                v.view(-1, v.shape[-1]).index_select(0, s_rows).view(rows, 1, m, -1),
+                gather_rows(k, s_slots).view(rows, 1, m, dim),
+                gather_rows(v, s_slots).view(rows, 1, m, -1),
                 _full_plan(q_size, m),
                 scale=run.scale,
                 padding=_padding(s_keep.reshape(rows, m)),
