@@ -11,7 +11,14 @@ import longreach as lr
 from longreach import LongreachError
 from longreach.bench.runner import _eos_ids
 from longreach.methods import build_method
-from longreach.methods.reader import pieces, split_sentences, tokenize_sentences, whole_if_fits
+from longreach.methods.reader import (
+    Sentences,
+    count_pieces,
+    pieces,
+    split_sentences,
+    tokenize_sentences,
+    whole_if_fits,
+)
 from longreach.prefill import greedy, prefill
 from longreach.tasks import PromptFormat, get_task
 from longreach.tasks.base import Parts
@@ -112,18 +119,25 @@ def test_a_context_that_cannot_fit_is_never_tokenized_whole(lab):
     assert whole_if_fits(tok, Counting(tok), long, 1000) is None and Counting.calls == 0
 
 
-def test_sentences_split_deterministically_and_pieces_lose_nothing(lab):
+def test_sentences_split_deterministically_and_pieces_lose_nothing(lab, monkeypatch):
     _, tok = lab
+    monkeypatch.setattr(Sentences, "_BATCH", 3)  # several tokenizer batches
     text = 'One. Two! "Three?" Four\nfive...  Six. ' + "x" * 900 + ". Seven"
     sentences = split_sentences(text)
     assert "".join(sentences) == text and sentences == split_sentences(text)
     assert sentences[:3] == ["One. ", "Two! ", '"Three?" ']
     tokenized = tokenize_sentences(tok, text)
+    assert len(tokenized) == len(sentences) and tokenized[-1].text == sentences[-1]
+    assert [s.text for s in tokenized] == sentences  # each tokenized on its own, in batches
+    assert [s.ids for s in tokenized] == [
+        tok(s, add_special_tokens=False)["input_ids"] for s in sentences
+    ]
     flat = [t for s in tokenized for t in s.ids]
     for size in (7, 16, 64):
         runs = pieces(tokenized, size)
         assert [t for run in runs for s in run for t in s.ids] == flat, f"size {size}"
         assert all(sum(len(s.ids) for s in run) <= size for run in runs)
+        assert count_pieces(tokenized, size) == len(runs)
 
 
 def test_read_entry_point_and_one_line_errors(lab):

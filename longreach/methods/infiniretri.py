@@ -16,8 +16,9 @@ from longreach.methods.reader import (
     Reader,
     Reading,
     Sentence,
+    count_pieces,
     frame,
-    pieces,
+    iter_pieces,
     question_of,
     tokenize_sentences,
     whole_if_fits,
@@ -153,23 +154,24 @@ class InfiniRetri(Reader):
                 f"tokens: chunk + cache ({chunk} + {cache_size}) leave no room in the trained "
                 f"length {self.trained_length(model)}; lower chunk or cache."
             )
-        steps = pieces(tokenize_sentences(tokenizer, parts.context), chunk)
+        sentences = tokenize_sentences(tokenizer, parts.context)
+        steps = count_pieces(sentences, chunk)
         layer = self.layer % model.config.num_hidden_layers
         kept: list[Sentence] = []
         read = 0
         weights = None  # the question rows' weights, measured at the first step
-        for i, piece in enumerate(steps):
+        for i, piece in enumerate(iter_pieces(sentences, chunk)):  # one piece held at a time
             context = [*kept, *piece]
             ids = around.around([t for s in context for t in s.ids])
-            if i == len(steps) - 1:
+            if i == steps - 1:
                 reading = self.generate(model, tokenizer, ids, max_new_tokens, is_complete)
-                reading.meta.update(steps=len(steps), read_tokens=read + len(ids),
+                reading.meta.update(steps=steps, read_tokens=read + len(ids),
                                     kept_sentences=[s.index for s in kept])  # fmt: skip
                 return reading
             kept, weights = self._keep(model, ids, around, context, layer, cache_size, weights)
             read += len(ids)
             if progress is not None:
-                progress(i + 1, len(steps))
+                progress(i + 1, steps)
         raise AssertionError("unreachable: the last step answers")
 
     def _keep(self, model, ids, around, context: list[Sentence], layer: int, size: int,

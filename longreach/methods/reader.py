@@ -15,9 +15,10 @@ repeated), and greedy answering from a rendered prompt.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +27,10 @@ import torch
 from longreach.errors import LongreachError
 from longreach.methods.base import Method, Patch
 
-__all__ = ["Reader", "Reading", "Sentence", "pieces", "read", "split_sentences"]
+__all__ = [
+    "Reader", "Reading", "Sentence", "Sentences", "count_pieces", "iter_pieces", "pieces", "read",
+    "split_sentences",
+]  # fmt: skip
 
 # A sentence ends at . ! ? (with closing quotes or brackets) followed by whitespace, or at a
 # line break; the whitespace stays with the sentence it ends.
@@ -52,23 +56,85 @@ class Reading:
     prompt_ids: list[int] = field(default_factory=list)  # the prompt the answer came from
 
 
+def _sentence_ends(text: str) -> Iterator[int]:
+    """The end offset of each sentence of ``text``, in order (the last is ``len(text)``)."""
+    start = 0
+    for match in _END.finditer(text):
+        if match.end() > start:
+            yield match.end()
+            start = match.end()
+    if start < len(text):
+        yield len(text)
+
+
 def split_sentences(text: str) -> list[str]:
     """The sentences of ``text``; ``"".join(split_sentences(t)) == t`` always."""
     out, start = [], 0
-    for match in _END.finditer(text):
-        if match.end() > start:
-            out.append(text[start : match.end()])
-            start = match.end()
-    if start < len(text):
-        out.append(text[start:])
+    for end in _sentence_ends(text):
+        out.append(text[start:end])
+        start = end
     return out
 
 
-def tokenize_sentences(tokenizer: Any, text: str) -> list[Sentence]:
-    return [
-        Sentence(i, s, list(tokenizer(s, add_special_tokens=False)["input_ids"]))
-        for i, s in enumerate(split_sentences(text))
-    ]
+class Sentences(Sequence[Sentence]):
+    """A context's sentences and their tokens, held compactly.
+
+    Every token id sits in one 4-byte array and each sentence is two offsets (characters and
+    tokens); a :class:`Sentence` is made when one is asked for. At 1M tokens a list of
+    Sentence objects, each with its own list of ints, held about 100 MB for the whole read;
+    this holds about 8 MB. Sentences are tokenized in batches, each on its own (no special
+    tokens), so a sentence's ids are what the tokenizer gives for it alone.
+    """
+
+    _BATCH = 1024
+
+    def __init__(self, tokenizer: Any, text: str) -> None:
+        self.text = text
+        self._chars = array.array("q", [0])  # sentence i is text[_chars[i] : _chars[i + 1]]
+        self._tokens = array.array("q", [0])  # and its ids _ids[_tokens[i] : _tokens[i + 1]]
+        self._ids = array.array("i")
+        batch: list[str] = []
+        start = 0
+        for end in _sentence_ends(text):
+            batch.append(text[start:end])
+            self._chars.append(end)
+            start = end
+            if len(batch) == self._BATCH:
+                self._encode(tokenizer, batch)
+                batch = []
+        if batch:
+            self._encode(tokenizer, batch)
+
+    def _encode(self, tokenizer: Any, batch: list[str]) -> None:
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            self._ids.extend(ids)
+            self._tokens.append(len(self._ids))
+
+    def __len__(self) -> int:
+        return len(self._chars) - 1
+
+    def __getitem__(self, i: int) -> Sentence:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return Sentence(i, self.text[self._chars[i] : self._chars[i + 1]],
+                        self._ids[self._tokens[i] : self._tokens[i + 1]].tolist())  # fmt: skip
+
+    def lengths(self) -> list[int]:
+        """Each sentence's token count."""
+        t = self._tokens
+        return [t[i + 1] - t[i] for i in range(len(self))]
+
+    def part(self, i: int, a: int, b: int) -> Sentence:
+        """Tokens ``a:b`` of sentence ``i``: the sentence itself when that is all of it."""
+        t0 = self._tokens[i]
+        if a == 0 and t0 + b == self._tokens[i + 1]:
+            return self[i]
+        return Sentence(i, "", self._ids[t0 + a : t0 + b].tolist())
+
+
+def tokenize_sentences(tokenizer: Any, text: str) -> Sentences:
+    return Sentences(tokenizer, text)
 
 
 def whole_if_fits(tokenizer: Any, fmt: Any, parts: Any, limit: int) -> list[int] | None:
@@ -87,24 +153,37 @@ def whole_if_fits(tokenizer: Any, fmt: Any, parts: Any, limit: int) -> list[int]
     return whole if len(whole) <= limit else None
 
 
-def pieces(sentences: list[Sentence], size: int) -> list[list[Sentence]]:
-    """Consecutive runs of sentences of at most ``size`` tokens (a longer sentence is cut)."""
-    out: list[list[Sentence]] = []
-    run: list[Sentence] = []
+def _spans(lengths: list[int], size: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Runs of (sentence, first token, end token) of at most ``size`` tokens, in order."""
+    run: list[tuple[int, int, int]] = []
     count = 0
-    for s in sentences:
-        parts = [s] if len(s.ids) <= size else [
-            Sentence(s.index, "", s.ids[a : a + size]) for a in range(0, len(s.ids), size)
-        ]  # fmt: skip
-        for part in parts:
-            if count + len(part.ids) > size and run:
-                out.append(run)
+    for i, n in enumerate(lengths):
+        cuts = [(0, n)] if n <= size else [(a, min(n, a + size)) for a in range(0, n, size)]
+        for a, b in cuts:  # a sentence longer than size is cut into token runs
+            if count + b - a > size and run:
+                yield run
                 run, count = [], 0
-            run.append(part)
-            count += len(part.ids)
+            run.append((i, a, b))
+            count += b - a
     if run:
-        out.append(run)
-    return out
+        yield run
+
+
+def iter_pieces(sentences: Sentences, size: int) -> Iterator[list[Sentence]]:
+    """Consecutive runs of sentences of at most ``size`` tokens (a longer sentence is cut),
+    made one at a time: the read holds one piece, not all of them."""
+    for run in _spans(sentences.lengths(), size):
+        yield [sentences.part(i, a, b) for i, a, b in run]
+
+
+def count_pieces(sentences: Sentences, size: int) -> int:
+    """How many pieces :func:`iter_pieces` gives, without making them."""
+    return sum(1 for _ in _spans(sentences.lengths(), size))
+
+
+def pieces(sentences: Sentences, size: int) -> list[list[Sentence]]:
+    """All of :func:`iter_pieces` as a list."""
+    return list(iter_pieces(sentences, size))
 
 
 @dataclasses.dataclass

@@ -13,8 +13,9 @@ from longreach.methods.base import param
 from longreach.methods.reader import (
     Reader,
     Reading,
+    count_pieces,
     frame,
-    pieces,
+    iter_pieces,
     question_of,
     tokenize_sentences,
     whole_if_fits,
@@ -89,22 +90,26 @@ class XL3M(Reader):
         whole = whole_if_fits(tokenizer, fmt, parts, len(around.head) + len(around.tail) + keep)
         if whole is not None:  # it fits: the model reads it as it is
             return self.generate(model, tokenizer, whole, max_new_tokens, is_complete)
-        segments = pieces(tokenize_sentences(tokenizer, parts.context), segment)
-        scores = []
-        for i, seg in enumerate(segments):
-            scores.append(self._certainty(model, around, [t for s in seg for t in s.ids]))
+        sentences = tokenize_sentences(tokenizer, parts.context)
+        n_segments = count_pieces(sentences, segment)
+        scores, sizes = [], []
+        for i, seg in enumerate(iter_pieces(sentences, segment)):  # one segment held at a time
+            ids = [t for s in seg for t in s.ids]
+            scores.append(self._certainty(model, around, ids))
+            sizes.append(len(ids))
             if progress is not None:
-                progress(i + 1, len(segments))
+                progress(i + 1, n_segments)
         chosen, total = [], 0
-        for i in sorted(range(len(segments)), key=lambda i: -scores[i]):
-            size = sum(len(s.ids) for s in segments[i])
-            if total + size <= keep:
+        for i in sorted(range(n_segments), key=lambda i: -scores[i]):
+            if total + sizes[i] <= keep:
                 chosen.append(i)
-                total += size
-        context = [t for i in sorted(chosen) for s in segments[i] for t in s.ids]
+                total += sizes[i]
+        wanted = set(chosen)  # the kept segments, made again in order
+        context = [t for i, seg in enumerate(iter_pieces(sentences, segment)) if i in wanted
+                   for s in seg for t in s.ids]  # fmt: skip
         reading = self.generate(model, tokenizer, around.around(context), max_new_tokens,
                                 is_complete)  # fmt: skip
-        reading.meta.update(segments=len(segments), kept_segments=sorted(chosen))
+        reading.meta.update(segments=n_segments, kept_segments=sorted(chosen))
         return reading
 
     def _certainty(self, model: torch.nn.Module, around, context: list[int]) -> float:

@@ -69,7 +69,7 @@ class Perplexity(Task):
             raise HaystackTooShort(hay.source.key(), total, body)
         rng = random.Random(f"{self.name}|{seed}|{index}")
         end = max(body, total - rng.randrange(0, max(1, total // 4)))
-        ids = prefix + hay.ids[end - body : end]
+        ids = prefix + hay.ids[end - body : end].tolist()
         text = fmt.tokenizer.decode(ids)
         return Sample(
             task=self.spec(),
