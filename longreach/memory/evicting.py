@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from longreach.attention.kernel import gather_rows
+from longreach.attention.kernel import gather_rows, row_index
 from longreach.attention.rotary import rotate
 from longreach.errors import LongreachError
 
@@ -103,7 +103,7 @@ class EvictingLayer(DynamicLayer):
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the slots ``index`` ((Hkv, R') per KV head, or (R',) for all), in that order."""
-        heads, slots = self.keys.shape[1], self.keys.shape[2]
+        heads = self.keys.shape[1]
         index = index.to(self.keys.device)
         if index.dim() == 1:  # one choice for every head: whole rows of (Hkv, D) slices
             self.keys = self.keys.index_select(2, index)
@@ -112,7 +112,7 @@ class EvictingLayer(DynamicLayer):
             self.scores = self.scores.index_select(1, index)
             index = index[None]
         else:  # per head: rows of a (Hkv * R, D) view
-            flat = (index + torch.arange(heads, device=index.device)[:, None] * slots).reshape(-1)
+            flat = row_index(self.keys, index).flatten()  # before the keys change shape
             self.keys = gather_rows(self.keys, index)
             self.values = gather_rows(self.values, index)
             self.positions = self.positions.reshape(-1).index_select(0, flat).view(heads, -1)

@@ -232,9 +232,7 @@ class TokenizedHaystack:
         if end > c0:
             c1 = len(self.text[c0:end].rstrip()) + c0
         keep = bisect.bisect_left(self.starts, c1, start, start + n_tokens) - start
-        return HaystackPiece(
-            self.text[c0:c1], [s - c0 for s in self.starts[start : start + keep].tolist()]
-        )
+        return HaystackPiece(self.text[c0:c1], [s - c0 for s in self.starts[start : start + keep]])
 
 
 @functools.lru_cache(maxsize=8)
