@@ -177,9 +177,10 @@ def gguf_dense_kwargs() -> dict[str, Any]:
 # --------------------------------------------------------------------------- hardware
 
 
-# CPU feature flags that mean bf16 matmuls run on real units: AVX512-BF16 or AMX-BF16 on
-# x86 (/proc/cpuinfo "flags"), the BF16 extension on Arm ("Features").
-_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# CPU feature flags that mean bf16 matmuls run on real units: AMX-BF16 on x86
+# (/proc/cpuinfo "flags"), the BF16 extension on Arm ("Features"). AVX512-BF16 alone is
+# not enough: measured slower than fp32 (see cpu_supports_bf16).
+_BF16_FLAGS = frozenset({"amx_bf16", "bf16"})
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -197,15 +198,18 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
 
 @functools.cache
 def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matmul units (AVX512-BF16, AMX-BF16, Arm BF16).
+    """True when bf16 matmuls beat fp32 on this CPU: AMX-BF16 on x86, BF16 on Arm.
 
     Decided from the CPU flags alone. ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is
     not used: it is True on every AVX-512 CPU, where oneDNN only emulates bf16, and a
     bf16 model there runs 3-4x slower than fp32 (SmolLM2 1k prefill: 8.8-10.5 s against
-    2.8-3.2 s). Measured matmul throughput on one core:
+    2.8-3.2 s). Measured on one core (torch 2.13):
 
     - AMD EPYC, AVX2 only: fp32 80-137 GFLOP/s, bf16 0.3-1.4;
     - Intel Xeon, AVX-512 without bf16 units: fp32 about 300, bf16 about 60;
+    - Intel Xeon (model 207) with AVX512-BF16 but no AMX exposed: fp32 126, bf16 74
+      (2048^3 matmul); flash attention 4k causal 181 ms fp32, 378 ms bf16; SmolLM2 2k
+      prefill 7.4-8.0 s fp32, 10.8-11.8 s bf16. So AVX512-BF16 alone picks fp32;
     - Intel Xeon (Sapphire Rapids) with AMX-BF16: fp32 111, bf16 1420 (1024^3 matmul).
     """
     return bool(cpu_flags() & _BF16_FLAGS)
