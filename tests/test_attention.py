@@ -158,6 +158,29 @@ def test_key_padding_equals_reference(device, backend):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_triangles_equal_reference(dtype):
+    """flash_cpu runs 384-768-row LOWER/UPPER squares as halves: the same pairs, merged exactly."""
+    from longreach.attention.layout import Kind
+
+    n = 1800
+    q, k, v = qkv(2, 4, 2, n, n, dtype=dtype, seed=5)
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1, :300] = False  # left padding: some half-squares see only padding
+    layout = LambdaLayout(sinks=4, window=900, block=512)
+    plan = layout.plan(n, n)
+    sizes = {(p.kind, p.q1 - p.q0) for t in plan.tiles for p in t.pieces}
+    assert any(kind == Kind.LOWER and 384 <= m <= 768 for kind, m in sizes), sizes
+    assert any(kind == Kind.UPPER and 384 <= m <= 768 for kind, m in sizes), sizes
+    got = block_attention(q, k, v, plan, backend="flash_cpu", padding=keep)
+    want = dense_attention(
+        [q.float()], [k.float()], v.float(), region_map(layout.regions(n, n, 0), n, n, 0),
+        key_keep=keep,
+    )  # fmt: skip
+    err = (got.double() - want).abs().max().item()
+    assert err <= TOL[dtype], f"split triangles {dtype}: max error {err:.2e}, expected <= {TOL[dtype]}"
+
+
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
 def test_position_sets_equal_reference(device, backend):
     """Self-Extend's shape: neighbours with the model's positions, far keys with grouped ones."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -32,7 +33,20 @@ from longreach.methods.base import ATTENTION, CACHE, Method, Patch, param
 from longreach.methods.registry import register
 from longreach.methods.windowed import rotary_module, sliding_windows
 
-_SCORE_KEYS = 256  # keys per step of the representative-score pass
+# Keys per step of the representative-score pass, at least: a step of K keys computes
+# (K + E - 1) x K scores of which E x K count, so K = E (128 for SmolLM2) wastes half where
+# K = 256 wasted two thirds; below 128 the steps' overhead wins.
+_SCORE_KEYS = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _outside_edge(shift: int, rows: int, keys: int, window: int, edge: int) -> torch.Tensor:
+    """(rows, keys) True where query ``r0 + r`` and key ``a + c`` are not an edge pair.
+
+    ``shift`` is ``r0 - a``; a pair is an edge pair when ``window - edge <= i - j < window``.
+    """
+    d = torch.arange(rows)[:, None] - torch.arange(keys) + shift
+    return (d < window - edge) | (d >= window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +161,21 @@ class InfLLMLayout(Layout):
         qpos = torch.arange(s, e, device=device)
         far_query = rotate(query, self.window - qpos, inv_freq)  # every query at position window
         chosen = self.retrieve(state, far_query)
-        glob_k, glob_v, glob_pos = self._gather(state, chosen, device)
+        # the tokens between the memory and the band, always seen at the memory's distance:
+        # [gap, full_stop) by every query of the chunk (they join the staging, one kernel call
+        # for all), [full_stop, gap_stop) by the later queries only (a triangle of their own)
+        gap = state.memory_end
+        full_stop = max(gap, s - self.window + 1)
+        gap_stop = max(full_stop, e - self.window + 1)
+        if self.true_positions:
+            extra = None
+        else:
+            full_pos = torch.arange(gap, full_stop, device=device)
+            extra = (
+                rotate(key[:, :, gap - base : full_stop - base], -full_pos, inv_freq)[0],
+                value[0, :, gap - base : full_stop - base],
+            )
+        glob_k, glob_v, glob_pos = self._gather(state, chosen, device, extra)
         if self.true_positions:
             glob_q = query
             heads = glob_k.shape[0]
@@ -155,19 +183,16 @@ class InfLLMLayout(Layout):
         else:
             glob_q = far_query
 
-        # the tokens between the memory and the band: always seen, at the memory's distance
-        gap = state.memory_end
-        gap_stop = max(gap, e - self.window + 1)
-        gap_pos = torch.arange(gap, gap_stop, device=device)
-        gap_keys = key[:, :, gap - base : gap_stop - base]
         slot_s, slot_e, kv_len = s - base, e - base, key.shape[-2]
         pieces = region_pieces(Region(d=(0, self.window - 1)), slot_s, slot_e, kv_len)
-        gap_region = Region(k=(gap - base, None), d=(self.window, None), pset=0)
-        if self.true_positions:
-            sources: list[PositionSet] = [PositionSet(query, gap_keys[:, :, :0], 0)]
+        if self.true_positions:  # the whole gap at true positions, from the resident keys
+            gap_region = Region(k=(gap - base, None), d=(self.window, None), pset=0)
+            sources: list[PositionSet] = [PositionSet(query, key[:, :, :0], 0)]
         else:
-            gap_region = dataclasses.replace(gap_region, pset=1)
-            sources = [PositionSet(far_query, rotate(gap_keys, -gap_pos, inv_freq), gap - base)]
+            tri_pos = torch.arange(full_stop, gap_stop, device=device)
+            tri_keys = rotate(key[:, :, full_stop - base : gap_stop - base], -tri_pos, inv_freq)
+            gap_region = Region(k=(full_stop - base, None), d=(self.window, None), pset=1)
+            sources = [PositionSet(far_query, tri_keys, full_stop - base)]
         pieces += region_pieces(gap_region, slot_s, slot_e, kv_len)
         if glob_k.shape[1]:
             pieces.append(Piece(Kind.FULL, slot_s, slot_e, 0, glob_k.shape[1], 2))
@@ -196,19 +221,35 @@ class InfLLMLayout(Layout):
         return scores.sum(1).topk(self.topk).indices.sort().values
 
     def _gather(
-        self, state: MemoryLayer, chosen: torch.Tensor, device: torch.device
+        self,
+        state: MemoryLayer,
+        chosen: torch.Tensor,
+        device: torch.device,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Init tokens + chosen blocks as one staging K/V (Hkv, T, D) and their positions (1 or Hkv, T)."""
+        """Init tokens + chosen blocks (+ ``extra`` K/V) as one staging K/V (Hkv, T, D).
+
+        Also returns the positions (1 or Hkv, T') of the init tokens and blocks (``extra``,
+        which only the rotated-to-window rule uses, has none).
+        """
         init_pos = torch.arange(self.init, device=device)
-        if chosen.numel() == 0:
-            return state.init_k, state.init_v, init_pos[None]
-        k, v = state.store.gather(chosen)
-        starts = self.init + chosen * self.block  # (n,) or (Hkv, n)
-        pos = (starts[..., None] + torch.arange(self.block, device=device)).flatten(-2)
-        if pos.dim() == 1:
-            pos = pos[None]
-        pos = torch.cat([init_pos.expand(pos.shape[0], -1), pos], dim=-1)
-        return torch.cat([state.init_k, k], 1), torch.cat([state.init_v, v], 1), pos
+        ks, vs = [state.init_k], [state.init_v]
+        pos = init_pos[None]
+        if chosen.numel():
+            k, v = state.store.gather(chosen)
+            ks.append(k)
+            vs.append(v)
+            starts = self.init + chosen * self.block  # (n,) or (Hkv, n)
+            pos = (starts[..., None] + torch.arange(self.block, device=device)).flatten(-2)
+            if pos.dim() == 1:
+                pos = pos[None]
+            pos = torch.cat([init_pos.expand(pos.shape[0], -1), pos], dim=-1)
+        if extra is not None and extra[0].shape[1]:
+            ks.append(extra[0])
+            vs.append(extra[1])
+        if len(ks) == 1:
+            return state.init_k, state.init_v, pos
+        return torch.cat(ks, 1), torch.cat(vs, 1), pos
 
     # ---- representatives: attention received at the far edge of the window
 
@@ -237,8 +278,9 @@ class InfLLMLayout(Layout):
             keys = call.key[0, :, z0 - base : z1 - base]  # (Hkv, Z, D)
             hkv = keys.shape[0]
             total = torch.zeros(hkv, z1 - z0, device=keys.device)
-            for a in range(z0, z1, _SCORE_KEYS):
-                b = min(z1, a + _SCORE_KEYS)
+            step = max(edge, _SCORE_KEYS)
+            for a in range(z0, z1, step):
+                b = min(z1, a + step)
                 r0, r1 = max(s, a + self.window - edge), min(e, b - 1 + self.window)
                 if r0 >= r1:
                     continue
@@ -247,11 +289,8 @@ class InfLLMLayout(Layout):
                 k = keys[:, a - z0 : b - z0]
                 logits = torch.matmul(q, k[:, None].transpose(-1, -2)).float() * scale
                 rows = lse[0, :, r0 - s : r1 - s].reshape(hkv, hq // hkv, r1 - r0, 1)
-                d = torch.arange(r0, r1, device=keys.device)[:, None] - torch.arange(
-                    a, b, device=keys.device
-                )
-                edge_pairs = (d >= self.window - edge) & (d < self.window)
-                p = logits.sub_(rows).exp_().masked_fill_(~edge_pairs, 0.0)
+                outside = _outside_edge(r0 - a, r1 - r0, b - a, self.window, edge)
+                p = logits.sub_(rows).exp_().masked_fill_(outside.to(keys.device), 0.0)
                 total[:, a - z0 : b - z0] = p.sum((1, 2))
             state.add_scores(z0, total)
 
