@@ -178,7 +178,9 @@ def test_split_triangles_equal_reference(dtype):
         key_keep=keep,
     )  # fmt: skip
     err = (got.double() - want).abs().max().item()
-    assert err <= TOL[dtype], f"split triangles {dtype}: max error {err:.2e}, expected <= {TOL[dtype]}"
+    assert err <= TOL[dtype], (
+        f"split triangles {dtype}: max error {err:.2e}, expected <= {TOL[dtype]}"
+    )
 
 
 @pytest.mark.parametrize(("device", "backend"), BACKENDS)
