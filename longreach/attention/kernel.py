@@ -206,9 +206,9 @@ def block_attention(
             continue
         if len(tile.pieces) == 1 and (tile.pieces[0].q0, tile.pieces[0].q1) == (tile.q0, tile.q1):
             # One piece (e.g. a whole causal chunk): write its output directly.
-            o, lse = run(
-                sets[tile.pieces[0].pset], value, tile.pieces[0], q_off, scale, padding, key_tile
-            )
+            # unsplit: a lone causal square is then the very call SDPA makes (bit-identical)
+            piece = tile.pieces[0]
+            o, lse = run(sets[piece.pset], value, piece, q_off, scale, padding, key_tile, False)
             out[:, :, r0:r1] = o if padding is None else _zero_empty_rows(o, lse)
             if lse_out is not None:
                 lse_out[:, :, r0:r1] = lse
@@ -266,13 +266,14 @@ def _slices(pset: PositionSet, value: torch.Tensor, p: Piece, q_off: int):
 # square (its key blocks are 512 wide; measured one thread, SmolLM2's heads, fp32: a 512-row
 # causal square 6.2 ms, the full square 5.7). Such a triangle runs as two triangles of half
 # the size plus the full rectangle between them (4.9 ms); larger ones are left to the kernel
-# (1024 rows: 19.1 ms causal against 20.6 split), smaller ones gain nothing.
+# (1024 rows: 19.1 ms causal against 20.6 split), smaller ones gain nothing. A tile of one
+# piece is never split: a lone causal square stays the call SDPA makes, bit for bit.
 _SPLIT_TRIANGLE = (384, 768)
 
 
-def _piece_flash_cpu(pset, value, p: Piece, q_off, scale, padding, key_tile):
+def _piece_flash_cpu(pset, value, p: Piece, q_off, scale, padding, key_tile, split=True):
     m = p.q1 - p.q0
-    if p.kind != Kind.FULL and _SPLIT_TRIANGLE[0] <= m <= _SPLIT_TRIANGLE[1]:
+    if split and p.kind != Kind.FULL and _SPLIT_TRIANGLE[0] <= m <= _SPLIT_TRIANGLE[1]:
         return _split_triangle(pset, value, p, q_off, scale, padding, key_tile)
     op = compat.cpu_flash_attention()
     q, k, v = _slices(pset, value, p, q_off)
@@ -316,7 +317,7 @@ def _split_triangle(pset, value, p: Piece, q_off, scale, padding, key_tile):
     return torch.cat((merged, oa.float()), dim=-2), torch.cat((total, la), dim=-1)
 
 
-def _piece_torch(pset, value, p: Piece, q_off, scale, padding, key_tile):
+def _piece_torch(pset, value, p: Piece, q_off, scale, padding, key_tile, split=True):
     q, k, v = _slices(pset, value, p, q_off)
     if pset.value is not None:
         padding = None
