@@ -172,9 +172,10 @@ def block_attention(
     if backend == "auto":
         backend = default_backend(query.device)
     if backend == "flash_cpu":
-        run = _piece_flash_cpu
+        # a tile of one piece runs unsplit: a lone causal square is then SDPA's own call
+        run, whole = _piece_flash_cpu_split, _piece_flash_cpu
     elif backend in ("torch", "flex"):
-        run = _piece_torch
+        run = whole = _piece_torch
     else:
         raise ValueError(
             f"unknown attention backend {backend!r}; choose 'auto', 'flash_cpu', 'flex' or 'torch'"
@@ -206,9 +207,8 @@ def block_attention(
             continue
         if len(tile.pieces) == 1 and (tile.pieces[0].q0, tile.pieces[0].q1) == (tile.q0, tile.q1):
             # One piece (e.g. a whole causal chunk): write its output directly.
-            # unsplit: a lone causal square is then the very call SDPA makes (bit-identical)
             piece = tile.pieces[0]
-            o, lse = run(sets[piece.pset], value, piece, q_off, scale, padding, key_tile, False)
+            o, lse = whole(sets[piece.pset], value, piece, q_off, scale, padding, key_tile)
             out[:, :, r0:r1] = o if padding is None else _zero_empty_rows(o, lse)
             if lse_out is not None:
                 lse_out[:, :, r0:r1] = lse
@@ -271,10 +271,14 @@ def _slices(pset: PositionSet, value: torch.Tensor, p: Piece, q_off: int):
 _SPLIT_TRIANGLE = (384, 768)
 
 
-def _piece_flash_cpu(pset, value, p: Piece, q_off, scale, padding, key_tile, split=True):
-    m = p.q1 - p.q0
-    if split and p.kind != Kind.FULL and _SPLIT_TRIANGLE[0] <= m <= _SPLIT_TRIANGLE[1]:
+def _piece_flash_cpu_split(pset, value, p: Piece, q_off, scale, padding, key_tile):
+    """:func:`_piece_flash_cpu`, with a 384-768-row triangle run as halves (above)."""
+    if p.kind != Kind.FULL and _SPLIT_TRIANGLE[0] <= p.q1 - p.q0 <= _SPLIT_TRIANGLE[1]:
         return _split_triangle(pset, value, p, q_off, scale, padding, key_tile)
+    return _piece_flash_cpu(pset, value, p, q_off, scale, padding, key_tile)
+
+
+def _piece_flash_cpu(pset, value, p: Piece, q_off, scale, padding, key_tile):
     op = compat.cpu_flash_attention()
     q, k, v = _slices(pset, value, p, q_off)
     mask = None
@@ -317,7 +321,7 @@ def _split_triangle(pset, value, p: Piece, q_off, scale, padding, key_tile):
     return torch.cat((merged, oa.float()), dim=-2), torch.cat((total, la), dim=-1)
 
 
-def _piece_torch(pset, value, p: Piece, q_off, scale, padding, key_tile, split=True):
+def _piece_torch(pset, value, p: Piece, q_off, scale, padding, key_tile):
     q, k, v = _slices(pset, value, p, q_off)
     if pset.value is not None:
         padding = None

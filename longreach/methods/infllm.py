@@ -167,14 +167,18 @@ class InfLLMLayout(Layout):
         gap = state.memory_end
         full_stop = max(gap, s - self.window + 1)
         gap_stop = max(full_stop, e - self.window + 1)
-        if self.true_positions:
+        slot_s, slot_e, kv_len = s - base, e - base, key.shape[-2]
+        if self.true_positions:  # the whole gap at true positions, from the resident keys
             extra = None
-        else:
-            full_pos = torch.arange(gap, full_stop, device=device)
-            extra = (
-                rotate(key[:, :, gap - base : full_stop - base], -full_pos, inv_freq)[0],
-                value[0, :, gap - base : full_stop - base],
-            )
+            gap_region = Region(k=(gap - base, None), d=(self.window, None), pset=0)
+            sources: list[PositionSet] = [PositionSet(query, key[:, :, :0], 0)]
+        else:  # one rotation of the whole gap, then split between the staging and the triangle
+            gap_pos = torch.arange(gap, gap_stop, device=device)
+            gap_keys = rotate(key[:, :, gap - base : gap_stop - base], -gap_pos, inv_freq)
+            cut = full_stop - gap
+            extra = (gap_keys[0, :, :cut], value[0, :, gap - base : full_stop - base])
+            gap_region = Region(k=(full_stop - base, None), d=(self.window, None), pset=1)
+            sources = [PositionSet(far_query, gap_keys[:, :, cut:], full_stop - base)]
         glob_k, glob_v, glob_pos = self._gather(state, chosen, device, extra)
         if self.true_positions:
             glob_q = query
@@ -183,16 +187,7 @@ class InfLLMLayout(Layout):
         else:
             glob_q = far_query
 
-        slot_s, slot_e, kv_len = s - base, e - base, key.shape[-2]
         pieces = region_pieces(Region(d=(0, self.window - 1)), slot_s, slot_e, kv_len)
-        if self.true_positions:  # the whole gap at true positions, from the resident keys
-            gap_region = Region(k=(gap - base, None), d=(self.window, None), pset=0)
-            sources: list[PositionSet] = [PositionSet(query, key[:, :, :0], 0)]
-        else:
-            tri_pos = torch.arange(full_stop, gap_stop, device=device)
-            tri_keys = rotate(key[:, :, full_stop - base : gap_stop - base], -tri_pos, inv_freq)
-            gap_region = Region(k=(full_stop - base, None), d=(self.window, None), pset=1)
-            sources = [PositionSet(far_query, tri_keys, full_stop - base)]
         pieces += region_pieces(gap_region, slot_s, slot_e, kv_len)
         if glob_k.shape[1]:
             pieces.append(Piece(Kind.FULL, slot_s, slot_e, 0, glob_k.shape[1], 2))
