@@ -75,34 +75,51 @@ def test_default_dtype_is_float():
 
 
 @pytest.mark.parametrize(
-    "line, expected",
+    "line, speedup, expected",
     [
         # AMD EPYC, AVX2 only
-        ("flags\t\t: fpu sse2 avx avx2 fma", False),
+        ("flags\t\t: fpu sse2 avx avx2 fma", None, False),
         # Intel Xeon with AVX-512 but no bf16 units: oneDNN only emulates bf16 there
-        ("flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512_vnni", False),
-        # Intel Xeon with AVX512-BF16 but no AMX: bf16 measured 1.5x slower than fp32
-        ("flags\t\t: fpu avx2 avx512f avx512_bf16", False),
+        ("flags\t\t: fpu avx2 avx512f avx512bw avx512vl avx512_vnni", None, False),
+        # AVX512-BF16 without AMX: the probe decides. Intel Xeon (model 207): bf16 measured
+        # 1.5x slower than fp32; AMD EPYC Zen 5: 4x faster
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16", 0.6, False),
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16", 1.4, False),
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16", 4.1, True),
         # Sapphire Rapids: AMX
-        ("flags\t\t: avx512f amx_bf16 amx_tile", True),
+        ("flags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile", None, True),
         # Arm with the BF16 extension
-        ("Features\t: fp asimd sve bf16", True),
-        ("Features\t: fp asimd", False),
+        ("Features\t: fp asimd sve bf16", None, True),
+        ("Features\t: fp asimd", None, False),
     ],
 )
-def test_bf16_decision_follows_the_cpu_flags(tmp_path, monkeypatch, line, expected):
+def test_bf16_decision_follows_the_cpu_flags(tmp_path, monkeypatch, line, speedup, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\n{line}\n", encoding="utf-8")
     real = compat.cpu_flags
     monkeypatch.setattr(compat, "cpu_flags", lambda: real(str(cpuinfo)))
     # the mkldnn probe says True on every AVX-512 CPU; it must not be consulted
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    probed = []
+
+    def probe():
+        probed.append(True)
+        assert speedup is not None, f"{line!r}: the flags decide, the probe must not run"
+        return speedup
+
+    monkeypatch.setattr(compat, "bf16_matmul_speedup", probe)
     compat.cpu_supports_bf16.cache_clear()
     try:
         assert compat.cpu_supports_bf16() is expected, f"{line!r}: expected {expected}"
         assert compat.default_dtype("cpu") == (torch.bfloat16 if expected else torch.float32)
+        assert probed == ([True] if speedup is not None else [])
     finally:
         compat.cpu_supports_bf16.cache_clear()
+
+
+def test_bf16_probe_measures_a_ratio():
+    ratio = compat.bf16_matmul_speedup(n=32, repeats=2)
+    assert ratio > 0 and ratio == ratio  # a finite positive ratio, not NaN
 
 
 def test_cpu_flags_without_cpuinfo_is_empty(tmp_path):

@@ -7,8 +7,9 @@ Hugging Face model directory. Same seed, same result: the data of step ``s`` com
 generator seeded with ``(seed, s)``, so a resumed run sees exactly the batches the
 uninterrupted run would have seen.
 
-Mixed precision: bf16 autocast only where the CPU has bf16 units that beat fp32 (AMX-BF16, Arm BF16); on
-an AVX2-only CPU bf16 matmuls are ~300x slower than fp32, so training runs in fp32 there.
+Mixed precision: bf16 autocast only where the CPU has bf16 units that beat fp32 (AMX-BF16, Arm BF16,
+AVX512-BF16 where the probe in compat.cpu_supports_bf16 measures it faster); on an AVX2-only CPU bf16
+matmuls are ~300x slower than fp32, so training runs in fp32 there.
 """
 
 from __future__ import annotations

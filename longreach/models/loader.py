@@ -117,7 +117,8 @@ def load(
         name_or_path: an alias (``longreach models`` lists them), a local Hugging Face
             model directory, or a ``.gguf`` file (converted once into ``$LONGREACH_HOME``).
         dtype: ``bf16``/``fp16``/``fp32`` or a ``torch.dtype``; default bf16 where the
-            device computes it faster than fp32 (CUDA, or a CPU with AMX-BF16), else fp32.
+            device computes it faster than fp32 (CUDA, or a CPU with AMX-BF16, or
+            AVX512-BF16 where a matmul probe says so: ``compat.cpu_supports_bf16``), else fp32.
         device: default CUDA when available, else CPU.
         attn_implementation: the transformers attention backend to start from.
 
