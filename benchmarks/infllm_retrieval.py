@@ -14,7 +14,10 @@ the PG essays) this prefills the prompt under ``infllm`` twice, each in a fresh 
   gives when retrieval cannot miss. A right answer here and a wrong one as run means the
   selection is the failure, not the positions (every memory token at distance ``window``).
 
-Rank 0 is the best block; the method keeps the ``topk`` best (16 by default). One JSON line
+Rank 0 is the best block; the method keeps the ``topk`` best (16 by default). A needle
+still inside the local window at the final chunk (depth near 1) gets no ranks and nothing
+to force. The exact scores hold (tail x heads x memory tokens) fp32 logits at once and use
+the default 1/sqrt(d) scale: meant for 8k-128k on SmolLM2, not for 1M. One JSON line
 per (cell, mode) goes to ``--out``; a rerun skips what is there.
 
     python benchmarks/infllm_retrieval.py --tasks niah,passkey --depths 0.25,0.5,0.75 \
