@@ -39,11 +39,6 @@ from typing import Any
 MODES = ("as-run", "forced")
 
 
-def _length(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
 def _token_at(tok, ids: list[int], char: int) -> int:
     """Index of the token of ``ids`` whose text holds character ``char`` of their decoding."""
     lo, hi = 0, len(ids)
@@ -207,11 +202,13 @@ def main() -> None:
     if args.table:
         print_table([json.loads(x) for x in Path(args.table).read_text().splitlines() if x])
         return
+    from longreach.bench.grid import parse_length
+
     out = Path(args.out)
     records = [json.loads(x) for x in out.read_text().splitlines() if x] if out.exists() else []
     done = {cell_key(r) for r in records}
     cells = [
-        dict(method=args.method, task=task, haystack=hay, n=_length(n), depth=float(d),
+        dict(method=args.method, task=task, haystack=hay, n=parse_length(n), depth=float(d),
              sample=s, mode=mode, tail=args.tail, chunk=args.chunk, threads=args.threads)
         for n in args.lengths.split(",") for task in args.tasks.split(",")
         for hay in args.haystacks.split(",") for d in args.depths.split(",")
