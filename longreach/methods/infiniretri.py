@@ -20,6 +20,7 @@ from longreach.methods.reader import (
     frame,
     iter_pieces,
     question_of,
+    right_padded,
     tokenize_sentences,
     whole_if_fits,
 )
@@ -28,12 +29,13 @@ from longreach.methods.registry import register
 
 @dataclasses.dataclass(frozen=True)
 class _QuestionAttention(Layout):
-    """Causal attention that also records what each of the last ``rows`` queries gave each key
-    (summed over heads)."""
+    """Causal attention that also records what each of the ``rows`` queries before the last
+    ``pad`` gave each key (summed over heads), over the keys before the padding."""
 
     windows: ClassVar[bool] = False  # prepare() plans its own regions, no sliding window
 
     rows: int = 1
+    pad: int = 0
     sink: Any = dataclasses.field(default=None, compare=False, hash=False)
 
     def prepare(self, call: AttentionCall) -> Iterator[Work]:
@@ -43,16 +45,18 @@ class _QuestionAttention(Layout):
         scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
 
         def done(out: torch.Tensor, lse: torch.Tensor) -> None:
-            r0 = max(0, q_len - self.rows)
-            q = call.query[0, :, r0:]  # (Hq, r, D): only the question's rows
+            r1 = q_len - self.pad
+            r0 = max(0, r1 - self.rows)
+            q = call.query[0, :, r0:r1]  # (Hq, r, D): only the question's rows
             hq, hkv = q.shape[0], call.key.shape[1]
             k = call.key[0].repeat_interleave(hq // hkv, dim=0)  # (Hq, S, D)
             logits = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-            p = (logits - lse[0, :, r0:, None]).exp_()
+            p = (logits - lse[0, :, r0:r1, None]).exp_()
             slots = torch.arange(kv_len, device=p.device)
-            rows = torch.arange(q_offset + r0, q_offset + q_len, device=p.device)
+            rows = torch.arange(q_offset + r0, q_offset + r1, device=p.device)
             p = p.masked_fill_(slots[None, None, :] > rows[None, :, None], 0.0)
-            self.sink.append(p.sum(0))  # (r, S): each question row's attention, over heads
+            # (r, S'): each question row's attention, over heads; S' = the keys before the pad
+            self.sink.append(p.sum(0)[:, : q_offset + r1])
 
         yield Work(work_plan, (), None, done)
 
@@ -93,6 +97,10 @@ class InfiniRetri(Reader):
         question_weight: weigh each question token by its attention to the question,
             squared (default true).
         original_max: L, the trained length (default: the model's).
+        pad: pad every scoring forward on the right to the read's longest prompt (head +
+            cache + chunk + tail), so that the runtime sees one shape and memory stays flat
+            over a long read (default true; false: each forward has its own length). The
+            scores are the same: attention is causal (see ``reader.right_padded``).
     """
 
     name: ClassVar[str] = "infiniretri"
@@ -109,6 +117,7 @@ class InfiniRetri(Reader):
     layer: int = param(-1, "layer whose attention scores (-1: the last)")
     question_weight: bool = param(True, "weigh question tokens by their attention to the question")
     original_max: int | None = param(None, "L, the trained length (default: the model's)")
+    pad: bool = param(True, "pad scoring forwards to one length (flat memory)")
 
     def validate(self) -> None:
         for name in ("chunk", "cache"):
@@ -160,6 +169,7 @@ class InfiniRetri(Reader):
         kept: list[Sentence] = []
         read = 0
         weights = None  # the question rows' weights, measured at the first step
+        longest = len(around.head) + cache_size + chunk + len(around.tail)
         for i, piece in enumerate(iter_pieces(sentences, chunk)):  # one piece held at a time
             context = [*kept, *piece]
             ids = around.around([t for s in context for t in s.ids])
@@ -168,17 +178,19 @@ class InfiniRetri(Reader):
                 reading.meta.update(steps=steps, read_tokens=read + len(ids),
                                     kept_sentences=[s.index for s in kept])  # fmt: skip
                 return reading
-            kept, weights = self._keep(model, ids, around, context, layer, cache_size, weights)
+            kept, weights = self._keep(model, ids, around, context, layer, cache_size, weights,
+                                       length=longest if self.pad else 0)  # fmt: skip
             read += len(ids)
             if progress is not None:
                 progress(i + 1, steps)
         raise AssertionError("unreachable: the last step answers")
 
     def _keep(self, model, ids, around, context: list[Sentence], layer: int, size: int,
-              weights: torch.Tensor | None) -> tuple[list[Sentence], torch.Tensor]:  # fmt: skip
+              weights: torch.Tensor | None, length: int = 0
+              ) -> tuple[list[Sentence], torch.Tensor]:  # fmt: skip
         sink: list[torch.Tensor] = []
-        layout = _QuestionAttention(rows=len(around.tail), sink=sink)
-        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        x, pad = right_padded(ids, length, model.device)
+        layout = _QuestionAttention(rows=len(around.tail), pad=pad, sink=sink)
         kwargs = {"logits_to_keep": 1} if compat.takes_logits_to_keep(model) else {}
         with hf.use(model, layout, layers=[layer]), torch.inference_mode():
             model(input_ids=x, use_cache=False, **kwargs)

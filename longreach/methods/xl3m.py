@@ -17,6 +17,7 @@ from longreach.methods.reader import (
     frame,
     iter_pieces,
     question_of,
+    right_padded,
     tokenize_sentences,
     whole_if_fits,
 )
@@ -46,6 +47,10 @@ class XL3M(Reader):
             question and the answer).
         measure: certainty on the question: logprob or entropy.
         original_max: L, the trained length (default: the model's).
+        pad: pad every segment's forward on the right to the longest (head + segment +
+            tail), so that the runtime sees one shape and memory stays flat over a long read
+            (default true; false: each forward has its own length). The scores are the
+            same: attention is causal (see ``reader.right_padded``).
     """
 
     name: ClassVar[str] = "xl3m"
@@ -59,6 +64,7 @@ class XL3M(Reader):
     keep: int | None = param(None, "tokens of kept segments (default: all that fits)")
     measure: str = param("logprob", "certainty on the question: logprob or entropy")
     original_max: int | None = param(None, "L, the trained length (default: the model's)")
+    pad: bool = param(True, "pad segment forwards to one length (flat memory)")
 
     def validate(self) -> None:
         for name in ("segment", "keep"):
@@ -92,10 +98,11 @@ class XL3M(Reader):
             return self.generate(model, tokenizer, whole, max_new_tokens, is_complete)
         sentences = tokenize_sentences(tokenizer, parts.context)
         n_segments = count_pieces(sentences, segment)
+        longest = len(around.head) + segment + len(around.tail)
         scores, sizes = [], []
         for i, seg in enumerate(iter_pieces(sentences, segment)):  # one segment held at a time
             ids = [t for s in seg for t in s.ids]
-            scores.append(self._certainty(model, around, ids))
+            scores.append(self._certainty(model, around, ids, longest if self.pad else 0))
             sizes.append(len(ids))
             if progress is not None:
                 progress(i + 1, n_segments)
@@ -112,13 +119,19 @@ class XL3M(Reader):
         reading.meta.update(segments=n_segments, kept_segments=sorted(chosen))
         return reading
 
-    def _certainty(self, model: torch.nn.Module, around, context: list[int]) -> float:
+    def _certainty(
+        self, model: torch.nn.Module, around, context: list[int], length: int = 0
+    ) -> float:
         ids = around.around(context)
         n_tail = len(around.tail)
-        x = torch.tensor([ids], dtype=torch.long, device=model.device)
-        kwargs = {"logits_to_keep": n_tail + 1} if compat.takes_logits_to_keep(model) else {}
+        x, _ = right_padded(ids, length, model.device)
+        # the predictions of the question's tokens: positions [m - n_tail - 1, m - 1)
+        at = torch.arange(len(ids) - n_tail - 1, len(ids) - 1, device=model.device)
+        keep = compat.takes_logits_to_keep(model)
+        kwargs = {"logits_to_keep": at} if keep else {}
         with torch.inference_mode():
-            logits = model(input_ids=x, use_cache=False, **kwargs).logits[0, -(n_tail + 1) : -1]
+            logits = model(input_ids=x, use_cache=False, **kwargs).logits[0]
+        logits = logits if keep else logits[at]
         logp = torch.log_softmax(logits.float(), dim=-1)  # predictions of the question's tokens
         if self.measure == "entropy":
             return float((logp.exp() * logp).sum(-1).mean())
