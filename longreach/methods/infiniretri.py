@@ -97,10 +97,11 @@ class InfiniRetri(Reader):
         question_weight: weigh each question token by its attention to the question,
             squared (default true).
         original_max: L, the trained length (default: the model's).
-        pad: pad every scoring forward on the right to the read's longest prompt (head +
-            cache + chunk + tail), so that the runtime sees one shape and memory stays flat
-            over a long read (default true; false: each forward has its own length). The
-            scores are the same: attention is causal (see ``reader.right_padded``).
+        pad: pad every scoring forward on the right to a multiple of ``pad`` tokens (at
+            most the longest prompt, head + cache + chunk + tail), so that the runtime sees
+            few shapes and memory stays flat over a long read (default 256; 0: each forward
+            has its own length). The scores are the same: attention is causal (see
+            ``reader.right_padded``).
     """
 
     name: ClassVar[str] = "infiniretri"
@@ -117,7 +118,7 @@ class InfiniRetri(Reader):
     layer: int = param(-1, "layer whose attention scores (-1: the last)")
     question_weight: bool = param(True, "weigh question tokens by their attention to the question")
     original_max: int | None = param(None, "L, the trained length (default: the model's)")
-    pad: bool = param(True, "pad scoring forwards to one length (flat memory)")
+    pad: int = param(256, "round scoring forwards up to a multiple of this (0: off)")
 
     def validate(self) -> None:
         for name in ("chunk", "cache"):
@@ -128,6 +129,8 @@ class InfiniRetri(Reader):
             self.fail(f"topk must be >= 1 token (got {self.topk}).")
         if self.window < 1:
             self.fail(f"window must be >= 1 token (got {self.window}).")
+        if self.pad < 0:
+            self.fail(f"pad must be >= 0 tokens (got {self.pad}).")
 
     def sizes(self, model: torch.nn.Module) -> tuple[int, int]:
         length = self.trained_length(model)
@@ -179,17 +182,17 @@ class InfiniRetri(Reader):
                                     kept_sentences=[s.index for s in kept])  # fmt: skip
                 return reading
             kept, weights = self._keep(model, ids, around, context, layer, cache_size, weights,
-                                       length=longest if self.pad else 0)  # fmt: skip
+                                       longest)  # fmt: skip
             read += len(ids)
             if progress is not None:
                 progress(i + 1, steps)
         raise AssertionError("unreachable: the last step answers")
 
     def _keep(self, model, ids, around, context: list[Sentence], layer: int, size: int,
-              weights: torch.Tensor | None, length: int = 0
+              weights: torch.Tensor | None, longest: int
               ) -> tuple[list[Sentence], torch.Tensor]:  # fmt: skip
         sink: list[torch.Tensor] = []
-        x, pad = right_padded(ids, length, model.device)
+        x, pad = right_padded(ids, self.pad, longest, model.device)
         layout = _QuestionAttention(rows=len(around.tail), pad=pad, sink=sink)
         kwargs = {"logits_to_keep": 1} if compat.takes_logits_to_keep(model) else {}
         with hf.use(model, layout, layers=[layer]), torch.inference_mode():

@@ -321,17 +321,21 @@ def frame(fmt: Any, parts: Any) -> Frame:
     return Frame(fmt.encode(head), list(tokenizer(tail, add_special_tokens=False)["input_ids"]))
 
 
-def right_padded(ids: list[int], length: int, device: Any) -> tuple[torch.Tensor, int]:
-    """``ids`` as a (1, max(len(ids), length)) tensor padded on the right, and the pad count.
+def right_padded(ids: list[int], bucket: int, limit: int, device: Any) -> tuple[torch.Tensor, int]:
+    """``ids`` as a (1, L) tensor padded on the right, and the pad count.
 
-    A reader's scoring forwards are padded to one length per read, so the runtime sees one
-    shape: with a new shape per forward (every chunk cut at a sentence end has another
-    length) torch/oneDNN keep per-shape state and the allocator fragments, and RSS grew by
-    about 6 MB per forward (SmolLM2, bf16, 1024-3100 tokens: 865 to 1227 MiB over 60
-    forwards, against a flat 755-786 MiB with padded ones). Attention is causal, so the
-    padding (copies of the last id) changes no output at an earlier position.
+    L is ``len(ids)`` rounded up to a multiple of ``bucket``, at most ``limit`` (the read's
+    longest prompt) and never below ``len(ids)``; ``bucket`` 0 pads nothing. A reader's
+    scoring forwards are padded so that the runtime sees few shapes: with a new shape per
+    forward (every chunk cut at a sentence end has another length) torch/oneDNN keep
+    per-shape state and the allocator fragments. Measured (SmolLM2, bf16, forwards of
+    1024-3100 tokens): RSS grew from 865 to 1227 MiB over 60 forwards, and stayed at
+    755-786 MiB with lengths rounded up to 256. Attention is causal, so the padding (copies
+    of the last id) changes no output at an earlier position.
     """
-    pad = max(0, length - len(ids))
+    n = len(ids)
+    length = min(-(-n // bucket) * bucket, limit) if bucket > 0 else n
+    pad = max(0, length - n)
     x = torch.tensor([ids + ids[-1:] * pad], dtype=torch.long, device=device)
     return x, pad
 

@@ -47,10 +47,11 @@ class XL3M(Reader):
             question and the answer).
         measure: certainty on the question: logprob or entropy.
         original_max: L, the trained length (default: the model's).
-        pad: pad every segment's forward on the right to the longest (head + segment +
-            tail), so that the runtime sees one shape and memory stays flat over a long read
-            (default true; false: each forward has its own length). The scores are the
-            same: attention is causal (see ``reader.right_padded``).
+        pad: pad every segment's forward on the right to a multiple of ``pad`` tokens (at
+            most the longest, head + segment + tail), so that the runtime sees few shapes
+            and memory stays flat over a long read (default 256; 0: each forward has its own
+            length). The scores are the same: attention is causal (see
+            ``reader.right_padded``).
     """
 
     name: ClassVar[str] = "xl3m"
@@ -64,7 +65,7 @@ class XL3M(Reader):
     keep: int | None = param(None, "tokens of kept segments (default: all that fits)")
     measure: str = param("logprob", "certainty on the question: logprob or entropy")
     original_max: int | None = param(None, "L, the trained length (default: the model's)")
-    pad: bool = param(True, "pad segment forwards to one length (flat memory)")
+    pad: int = param(256, "round scoring forwards up to a multiple of this (0: off)")
 
     def validate(self) -> None:
         for name in ("segment", "keep"):
@@ -73,6 +74,8 @@ class XL3M(Reader):
                 self.fail(f"{name} must be a positive number of tokens (got {value}).")
         if self.measure not in MEASURES:
             self.fail(f"measure must be one of {', '.join(MEASURES)} (got {self.measure!r}).")
+        if self.pad < 0:
+            self.fail(f"pad must be >= 0 tokens (got {self.pad}).")
 
     def check_model(self, model: torch.nn.Module) -> None:
         length = self.trained_length(model)
@@ -102,7 +105,7 @@ class XL3M(Reader):
         scores, sizes = [], []
         for i, seg in enumerate(iter_pieces(sentences, segment)):  # one segment held at a time
             ids = [t for s in seg for t in s.ids]
-            scores.append(self._certainty(model, around, ids, longest if self.pad else 0))
+            scores.append(self._certainty(model, around, ids, longest))
             sizes.append(len(ids))
             if progress is not None:
                 progress(i + 1, n_segments)
@@ -119,12 +122,11 @@ class XL3M(Reader):
         reading.meta.update(segments=n_segments, kept_segments=sorted(chosen))
         return reading
 
-    def _certainty(
-        self, model: torch.nn.Module, around, context: list[int], length: int = 0
-    ) -> float:
+    def _certainty(self, model: torch.nn.Module, around, context: list[int], limit: int) -> float:
+        """The certainty on the question after ``context``, the forward padded up to ``limit``."""
         ids = around.around(context)
         n_tail = len(around.tail)
-        x, _ = right_padded(ids, length, model.device)
+        x, _ = right_padded(ids, self.pad, limit, model.device)
         # the predictions of the question's tokens: positions [m - n_tail - 1, m - 1)
         at = torch.arange(len(ids) - n_tail - 1, len(ids) - 1, device=model.device)
         keep = compat.takes_logits_to_keep(model)
