@@ -14,6 +14,10 @@ vanilla and to infllm's own 16k/8k rows, which is what the targets are stated in
     python benchmarks/infllm.py --table runs/infllm.jsonl
     python benchmarks/infllm.py --methods "infiniretri;xl3m" --lengths 32k,128k --out runs/readers.jsonl
 
+Time speed cells one at a time on a quiet machine: with another job on the second core an
+AMD Zen 4 slowed infllm's 32k prefill by 29% and vanilla's by 12% (1.73x against 2.00x in one
+quiet process, docs/memory.md).
+
 A reader method (``infiniretri``, ``xl3m``) reads the sample's parts itself: its whole time is
 the prefill column (there is no separate decode), and no KV is kept between its forwards.
 
