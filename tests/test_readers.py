@@ -9,8 +9,9 @@ import torch
 
 import longreach as lr
 from longreach import LongreachError
+from longreach.attention import hf
 from longreach.bench.runner import _eos_ids
-from longreach.methods import build_method
+from longreach.methods import build_method, infiniretri
 from longreach.methods.reader import (
     Sentences,
     count_pieces,
@@ -125,6 +126,31 @@ def test_padding_the_scoring_forwards_changes_no_choice(lab, spec):
     first = lengths[16][:10]  # scoring forwards: multiples of 16, or the longest prompt
     assert all(n % 16 == 0 or n == max(first) for n in first), first
     assert len(set(lengths[16])) < len(set(lengths[0]))
+
+
+def test_infiniretri_scoring_stops_at_its_layer_and_chooses_the_same(lab, monkeypatch):
+    model, tok = lab
+    fmt = PromptFormat(tok)
+    ran: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: ran.append(m.layer_idx))
+        for m in hf.attention_modules(model)
+    ]
+    try:
+        for seed in range(2):
+            parts, _, _ = _planted(seed)
+            spec = "infiniretri:chunk=48,cache=32,layer=1"
+            ran.clear()
+            early = build_method(spec).answer(model, tok, fmt, parts, 4)
+            scoring = early.meta["steps"] - 1  # the last step answers: a whole forward each token
+            assert ran[: 2 * scoring] == [0, 1] * scoring, ran[:12]  # layers 2 and 3 never ran
+            monkeypatch.setattr(infiniretri, "_stop_forward", lambda m, args, out: None)
+            whole = build_method(spec).answer(model, tok, fmt, parts, 4)
+            monkeypatch.undo()
+            assert whole.meta == early.meta and whole.text == early.text, f"seed {seed}"
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_xl3m_certainty_is_the_same_with_the_padding(lab):
