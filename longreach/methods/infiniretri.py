@@ -98,7 +98,7 @@ class InfiniRetri(Reader):
     two thirds of the way up (layer 20 of SmolLM2's 30), not the authors' last. On
     SmolLM2-135M, passkey in the PG essays at 32k tokens, one sample at each of three
     depths, the key was kept and found in 0/3 cells at the last layer (29) and at layer 10,
-    2/3 at 15, 3/3 at 20 and LAYER25 at 25 (docs/readers.md, "Which layer scores"). A
+    2/3 at 15, 3/3 at 20 and 0/3 at 25 (docs/readers.md, "Which layer scores"). A
     scoring forward stops after its layer's attention: the layers above change nothing the
     scores read, so a lower layer is also cheaper (21 of 30 layers run).
 
