@@ -63,6 +63,8 @@ def test_completion_rules():
     multi = get_task("multi-needle:k=2")
     assert not multi.is_complete(s, " 1111111, 22")
     assert multi.is_complete(s, " 1111111, 2222222,")
+    assert not multi.is_complete(s, ":\n")  # a list may follow on the next lines
+    assert not multi.is_complete(s, " 1111111\n")
     kv = get_task("kv-retrieval")
     assert kv.is_complete(s, ' "0b5e2c3a-1f6d-4d8e-9a7b-3c2d1e0f9a8b"')
     assert not kv.is_complete(s, ' "0b5e2c3a-1f6d')
