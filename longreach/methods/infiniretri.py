@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from longreach import compat
 from longreach.attention import hf
 from longreach.attention.layout import AttentionCall, Layout, Region, Work, plan
 from longreach.methods.base import param
@@ -214,13 +213,13 @@ class InfiniRetri(Reader):
         sink: list[torch.Tensor] = []
         x, pad = right_padded(ids, self.pad, longest, model.device)
         layout = _QuestionAttention(rows=len(around.tail), pad=pad, sink=sink)
-        kwargs = {"logits_to_keep": 1} if compat.takes_logits_to_keep(model) else {}
         # the layers above ``layer`` change nothing the scores read: the forward stops there
+        # (so it never reaches the LM head)
         scorer = next(m for m in hf.attention_modules(model) if m.layer_idx == layer)
         stop = scorer.register_forward_hook(_stop_forward)
         try:
             with hf.use(model, layout, layers=[layer]), torch.inference_mode():
-                model(input_ids=x, use_cache=False, **kwargs)
+                model(input_ids=x, use_cache=False)
         except _Scored:
             pass
         finally:
